@@ -1,0 +1,162 @@
+"""Harness registry: built-in coding-agent CLIs, user entries from harnesses.toml, argv building."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tomllib
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+PROMPT_PLACEHOLDER = "{prompt}"
+HARNESS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@attrs.frozen
+class HarnessSpec:
+    """
+    How to run one harness.
+
+    @ivar id: the id clients pass as C{harness}.
+    @ivar label: a name for people.
+    @ivar command: the executable and its fixed arguments; the executable is
+        looked up on C{PATH} unless it contains a slash.
+    @ivar prompt_args: arguments after C{command}, in which every C{{prompt}} is
+        replaced by the prompt, so the prompt is always part of one argv element.
+    """
+
+    id: str
+    label: str
+    command: tuple[str, ...]
+    prompt_args: tuple[str, ...]
+
+    def argv(self, prompt: str) -> list[str]:
+        """
+        Build the argv for C{prompt}; nothing here goes through a shell.
+        """
+        return [*self.command, *(arg.replace(PROMPT_PLACEHOLDER, prompt) for arg in self.prompt_args)]
+
+    def resolveExecutable(self, path: str | None) -> str | None:
+        """
+        Return the absolute path of the executable found on C{path}, or C{None}.
+        """
+        return shutil.which(self.command[0], path=path)
+
+
+BUILTIN_HARNESSES = (
+    HarnessSpec("codex", "Codex CLI", ("codex",), ("--", PROMPT_PLACEHOLDER)),
+    HarnessSpec("claude", "Claude Code", ("claude",), ("--", PROMPT_PLACEHOLDER)),
+    HarnessSpec("copilot", "Copilot CLI", ("copilot",), (f"--interactive={PROMPT_PLACEHOLDER}",)),
+)
+
+
+class HarnessConfigError(Exception):
+    """
+    C{harnesses.toml} could not be used; the message names the file and, where
+    known, the line.
+    """
+
+
+def _stringList(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise HarnessConfigError(f"{where} must be a list of strings")
+    return tuple(value)
+
+
+def parseHarnessFile(path: str) -> list[HarnessSpec]:
+    """
+    Read the C{[harnesses.ID]} tables of the TOML file at C{path}.
+
+    @raise HarnessConfigError: the file is not valid TOML or an entry is invalid.
+    """
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except tomllib.TOMLDecodeError as error:
+        raise HarnessConfigError(f"{path}: invalid TOML: {error}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise HarnessConfigError(f"{path}: cannot be read: {error}") from error
+
+    tables = document.get("harnesses", {})
+    if not isinstance(tables, dict):
+        raise HarnessConfigError(f"{path}: 'harnesses' must be a table of [harnesses.ID] tables")
+
+    specs = []
+    for harnessId, table in tables.items():
+        where = f"{path}: [harnesses.{harnessId}]"
+        if not HARNESS_ID.match(harnessId):
+            raise HarnessConfigError(
+                f"{where}: invalid id; use letters, digits, '.', '_' or '-', at most 64"
+            )
+        if not isinstance(table, dict):
+            raise HarnessConfigError(f"{where} must be a table")
+        command = _stringList(table.get("command"), f"{where} command")
+        if not command or not command[0]:
+            raise HarnessConfigError(f"{where} command must name an executable")
+        promptArgs = _stringList(table.get("prompt_args", [PROMPT_PLACEHOLDER]), f"{where} prompt_args")
+        label = table.get("label", harnessId)
+        if not isinstance(label, str):
+            raise HarnessConfigError(f"{where} label must be a string")
+        specs.append(HarnessSpec(harnessId, label, command, promptArgs))
+    return specs
+
+
+class HarnessRegistry:
+    """
+    The harnesses this daemon can launch: the built-ins, overridden or extended
+    by C{<home>/harnesses.toml}.
+
+    The file is read again when it changes, so an edit takes effect at the next
+    launch without a restart. An invalid file leaves the built-ins in force and
+    is reported in L{configError}.
+    """
+
+    def __init__(self, configPath: str) -> None:
+        self.configPath = configPath
+        self.configError: str | None = None
+        self._specs: dict[str, HarnessSpec] = {}
+        self._loadedStamp: tuple[int, int] | None = None
+        self.reload()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.configPath)
+        except FileNotFoundError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def reload(self) -> None:
+        """
+        Read C{harnesses.toml} again, if it exists.
+        """
+        specs = {spec.id: spec for spec in BUILTIN_HARNESSES}
+        self._loadedStamp = self._stamp()
+        self.configError = None
+        if self._loadedStamp is not None:
+            try:
+                for spec in parseHarnessFile(self.configPath):
+                    specs[spec.id] = spec
+            except HarnessConfigError as error:
+                self.configError = str(error)
+                log.error(
+                    "Ignoring harness configuration, using the built-in harnesses: {error}",
+                    error=self.configError,
+                )
+        self._specs = specs
+
+    def _reloadIfChanged(self) -> None:
+        if self._stamp() != self._loadedStamp:
+            self.reload()
+
+    def get(self, harnessId: str) -> HarnessSpec | None:
+        self._reloadIfChanged()
+        return self._specs.get(harnessId)
+
+    def all(self) -> list[HarnessSpec]:
+        self._reloadIfChanged()
+        return sorted(self._specs.values(), key=lambda spec: spec.id)

@@ -1,0 +1,187 @@
+"""Per-session ProcessProtocol: answer terminal queries, decode UTF-8, queue output events."""
+
+from __future__ import annotations
+
+import codecs
+import re
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from coven.store import Store
+
+# Queries a TUI sends to its terminal at start, and what a terminal replies. No
+# terminal is attached to the PTY, so the daemon replies instead.
+QUERY_REPLIES = {
+    b"\x1b[6n": b"\x1b[1;1R",  # cursor position report
+    b"\x1b[5n": b"\x1b[0n",  # device status: OK
+    b"\x1b[c": b"\x1b[?62;c",  # primary device attributes: VT220
+    b"\x1b[0c": b"\x1b[?62;c",
+}
+QUERY = re.compile(rb"\x1b\[(?:6n|5n|0?c)")
+# Proper prefixes of a query, held back at the end of a read until the next read
+# tells whether they start a query.
+QUERY_PREFIXES = frozenset({b"\x1b", b"\x1b[", b"\x1b[0", b"\x1b[5", b"\x1b[6"})
+# Seconds a held-back prefix waits for the next read before it is recorded as is.
+QUERY_TAIL_TIMEOUT = 0.05
+
+
+class TerminalQueryFilter:
+    """
+    Remove answerable terminal queries from PTY output and collect the replies,
+    also when a query is split across two reads.
+    """
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._tail)
+
+    def feed(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        """
+        Return the output with queries removed and the replies to send.
+        """
+        if self._tail:
+            data = self._tail + data
+            self._tail = b""
+        if b"\x1b" not in data:
+            return data, []
+
+        replies: list[bytes] = []
+        pieces: list[bytes] = []
+        position = 0
+        for match in QUERY.finditer(data):
+            pieces.append(data[position : match.start()])
+            replies.append(QUERY_REPLIES[match.group()])
+            position = match.end()
+
+        rest = data[position:]
+        escape = rest.rfind(b"\x1b", max(0, len(rest) - 3))
+        if escape != -1 and rest[escape:] in QUERY_PREFIXES:
+            self._tail = rest[escape:]
+            rest = rest[:escape]
+        pieces.append(rest)
+        return b"".join(pieces), replies
+
+    def flush(self) -> bytes:
+        """
+        Return and forget a held-back prefix.
+        """
+        tail, self._tail = self._tail, b""
+        return tail
+
+
+class OutputDecoder:
+    """
+    Incremental UTF-8 decoder that keeps a character split across reads whole
+    and reports the exact bytes of any read that was not valid UTF-8.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def decode(self, data: bytes, final: bool = False) -> tuple[str, bytes | None]:
+        """
+        Return the text completed by C{data} and, where it held invalid bytes,
+        the exact bytes it was decoded from; else C{None}.
+        """
+        before = self._decoder.getstate()[0]
+        text = self._decoder.decode(data, final)
+        # Without a replacement character every byte was valid UTF-8.
+        if "\ufffd" not in text:
+            return text, None
+        after = self._decoder.getstate()[0]
+        combined = before + data
+        consumed = combined[: len(combined) - len(after)]
+        if text.encode("utf-8") == consumed:
+            return text, None
+        return text, consumed
+
+
+class HarnessProtocol(ProcessProtocol):
+    """
+    Turn one harness's PTY output into output events.
+
+    Output is queued in the store synchronously as it is read, so output read
+    before an input is queued before that input's event. The store pauses this
+    transport when its write queue is full, which makes the harness block on
+    write instead of losing bytes.
+    """
+
+    def __init__(
+        self,
+        sessionId: str,
+        store: Store,
+        reactor: IReactorTime,
+        onExited: Callable[[Failure], None],
+        onEnded: Callable[[], None],
+    ) -> None:
+        self.sessionId = sessionId
+        self._store = store
+        self._reactor = reactor
+        self._onExited = onExited
+        self._onEnded = onEnded
+        self._queries = TerminalQueryFilter()
+        self._decoder = OutputDecoder()
+        self._tailCall: Any = None
+        self.finished = False
+        self.ptyClosed = False
+        self.bytesRead = 0
+
+    def connectionMade(self) -> None:
+        self._store.registerProducer(self.transport)
+
+    def outReceived(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytesRead += len(data)
+        output, replies = self._queries.feed(data)
+        for reply in replies:
+            self.transport.write(reply)
+        if output:
+            self._record(output)
+        self._scheduleTailFlush()
+
+    def _record(self, output: bytes, final: bool = False) -> None:
+        text, raw = self._decoder.decode(output, final)
+        if text:
+            self._store.appendOutput(self.sessionId, text, raw, len(output))
+
+    def _scheduleTailFlush(self) -> None:
+        if self._tailCall is not None and self._tailCall.active():
+            self._tailCall.cancel()
+        self._tailCall = None
+        if self._queries.holding:
+            self._tailCall = self._reactor.callLater(QUERY_TAIL_TIMEOUT, self._flushTail)
+
+    def _flushTail(self) -> None:
+        self._tailCall = None
+        tail = self._queries.flush()
+        if tail and not self.finished:
+            self._record(tail)
+
+    def finishOutput(self) -> None:
+        """
+        Record what the query filter and the decoder still hold, and ignore any
+        later output, so the exit event is the session's last.
+        """
+        if self.finished:
+            return
+        if self._tailCall is not None and self._tailCall.active():
+            self._tailCall.cancel()
+        self._record(self._queries.flush(), final=True)
+        self.finished = True
+        self._store.unregisterProducer(self.transport)
+
+    def processExited(self, reason: Failure) -> None:
+        self._onExited(reason)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ptyClosed = True
+        self._store.unregisterProducer(self.transport)
+        self._onEnded()

@@ -1,0 +1,284 @@
+"""Build the daemon's service from its options: home folder, lock, store, sessions, listener."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
+
+from coven.api import MAX_BODY_BYTES, CovenAPI, jsonBytes
+from coven.errors import InvalidRequest
+from coven.harnesses import HarnessRegistry
+from coven.records import utcnow
+from coven.sessions import DEFAULT_KILL_GRACE, SessionManager
+from coven.store import Store, StoreSchemaError
+
+log = Logger()
+
+
+def defaultHome() -> str:
+    """
+    Return C{$COVEN_HOME}, else C{~/.coven}.
+    """
+    return os.environ.get("COVEN_HOME") or os.path.join(os.path.expanduser("~"), ".coven")
+
+
+class HomeInUse(Exception):
+    """
+    Another daemon holds the home folder's lock.
+    """
+
+
+class CovenRequest(Request):
+    """
+    A request that stops taking its body once it passes L{MAX_BODY_BYTES}: it
+    answers 400 at once and closes the connection instead of reading the rest.
+    """
+
+    _bodyBytes = 0
+    _rejected = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY_BYTES:
+            self._rejectBody()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._bodyBytes += len(data)
+        if self._bodyBytes > MAX_BODY_BYTES:
+            self._rejectBody()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+    def _rejectBody(self) -> None:
+        self._rejected = True
+        self.content = io.BytesIO()
+        error = InvalidRequest(
+            f"Request body is larger than {MAX_BODY_BYTES} bytes.", maxBytes=MAX_BODY_BYTES
+        )
+        body = jsonBytes(error.envelope())
+        head = (
+            b"HTTP/1.1 400 Bad Request\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        transport = self.channel.transport
+        transport.write(head + body)
+        transport.loseConnection()
+
+
+class CovenSite(Site):
+    """
+    The HTTP site, without an access log: request lines carry session ids at a
+    rate that would drown the daemon's own log.
+    """
+
+    requestFactory = CovenRequest
+    displayTracebacks = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+class CovenService(MultiService):
+    """
+    The daemon: store, session manager and HTTP listener.
+
+    Start opens the database, marks sessions left running by an earlier daemon
+    as orphaned, then listens. Stop runs in the reverse order and waits for each
+    step: the listener closes, live sessions are killed and their exits recorded,
+    then the store writes what it still holds.
+    """
+
+    def __init__(
+        self,
+        home: str,
+        listen: str,
+        reactor: Any,
+        killGrace: float = DEFAULT_KILL_GRACE,
+    ) -> None:
+        super().__init__()
+        self.home = home
+        self.listenDescription = listen
+        self.socketPath = os.path.join(home, "coven.sock")
+        self.daemonFile = os.path.join(home, "daemon.json")
+        self._reactor = reactor
+        self._lockFile: int | None = None
+        self._port: Any = None
+        self.startedAt: str | None = None
+        # twistd sets umask 0077 when it detaches; harnesses get the umask of
+        # the shell that started the daemon instead, as if run from it.
+        self.harnessUmask = _currentUmask()
+
+        self.store = Store(os.path.join(home, "coven.sqlite3"), reactor)
+        self.store.setServiceParent(self)
+        self.harnesses = HarnessRegistry(os.path.join(home, "harnesses.toml"))
+        self.sessions = SessionManager(self.store, self.harnesses, reactor, killGrace=killGrace)
+        self.sessions.setServiceParent(self)
+        self.api = CovenAPI(self.store, self.sessions, reactor, self.daemonInfo)
+        self.site = CovenSite(self.api.resource())
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    @property
+    def listensOnHomeSocket(self) -> bool:
+        return self.listenDescription == defaultListen(self.home)
+
+    def prepareHome(self) -> None:
+        """
+        Create the home folder with mode 0700 and take its lock.
+
+        @raise HomeInUse: another daemon serves this home.
+        """
+        os.makedirs(self.home, mode=0o700, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        lockPath = os.path.join(self.home, "coven.lock")
+        descriptor = os.open(lockPath, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise HomeInUse(
+                f"Another Coven daemon is already serving {self.home}"
+                f"{_describeRunningDaemon(self.daemonFile)}; stop it first or pass another --home."
+            ) from None
+        os.truncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode("ascii"))
+        self._lockFile = descriptor
+
+    def daemonInfo(self) -> dict[str, Any] | None:
+        if self.startedAt is None:
+            return None
+        return {
+            "pid": os.getpid(),
+            "startedAt": self.startedAt,
+            "socket": self.socketPath if self.listensOnHomeSocket else self.listenDescription,
+        }
+
+    def startService(self) -> None:
+        if self._lockFile is None:
+            self.prepareHome()
+        os.umask(self.harnessUmask)
+        orphans = self.store.open()
+        for sessionId in orphans:
+            log.info("Session {sessionId} was running when the daemon stopped; marked orphaned", sessionId=sessionId)
+        super().startService()
+
+        # A socket file left by a daemon that crashed is stale: the lock proves
+        # no daemon serves this home now.
+        if self.listensOnHomeSocket and os.path.lexists(self.socketPath):
+            os.unlink(self.socketPath)
+        # The socket is created with no access for others before its mode is set.
+        previousUmask = os.umask(0o177)
+        try:
+            listening = serverFromString(self._reactor, self.listenDescription).listen(self.site)
+        finally:
+            os.umask(previousUmask)
+        listening.addCallbacks(self._listening, self._listenFailed)
+
+    def _listening(self, port: Any) -> None:
+        self._port = port
+        self.startedAt = utcnow()
+        info = self.daemonInfo()
+        temporary = self.daemonFile + ".tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(info, file)
+        os.replace(temporary, self.daemonFile)
+        log.info(
+            "Coven daemon {pid} listening on {listen} with home {home}",
+            pid=os.getpid(),
+            listen=self.listenDescription,
+            home=self.home,
+        )
+        self.ready.callback(None)
+
+    def _listenFailed(self, failure: Any) -> None:
+        log.failure("Cannot listen on {listen}", failure, listen=self.listenDescription)
+        self.ready.errback(failure)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    async def _stop(self) -> None:
+        if self._port is not None:
+            await self._port.stopListening()
+            self._port = None
+        if os.path.exists(self.daemonFile):
+            os.unlink(self.daemonFile)
+        await self.sessions.stopService()
+        await self.store.stopService()
+        if self._lockFile is not None:
+            os.close(self._lockFile)
+            self._lockFile = None
+        log.info("Coven daemon {pid} stopped", pid=os.getpid())
+
+    def stopService(self) -> defer.Deferred[None]:
+        # Children are stopped one after another, not all at once as
+        # MultiService does, because session exits must reach the store first.
+        self.running = False
+        return defer.Deferred.fromCoroutine(self._stop())
+
+
+def _currentUmask() -> int:
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def _describeRunningDaemon(daemonFile: str) -> str:
+    try:
+        with open(daemonFile) as file:
+            info = json.load(file)
+        return f" (pid {info['pid']}, socket {info['socket']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def defaultListen(home: str) -> str:
+    """
+    Return the endpoint string of C{<home>/coven.sock} with mode 0600.
+    """
+    path = os.path.join(home, "coven.sock").replace("\\", "\\\\").replace(":", "\\:")
+    # The home lock already keeps a second daemon away, so Twisted's own
+    # socket lock file is not needed.
+    return f"unix:{path}:mode=600:lockfile=0"
+
+
+def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
+    """
+    Build the daemon from C{twistd coven} options, taking the home's lock now so
+    a second daemon fails before twistd detaches.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    home = os.path.abspath(os.path.expanduser(options.get("home") or defaultHome()))
+    listen = options.get("listen") or defaultListen(home)
+    service = CovenService(home, listen, reactor, killGrace=float(options.get("kill-grace") or DEFAULT_KILL_GRACE))
+    try:
+        service.prepareHome()
+    except HomeInUse as error:
+        sys.stderr.write(f"coven: {error}\n")
+        raise SystemExit(1) from None
+    return service
+
+
+__all__ = ["CovenService", "StoreSchemaError", "defaultHome", "makeService"]

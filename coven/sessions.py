@@ -1,0 +1,623 @@
+"""Session manager: launch harnesses in PTYs, forward input, kill, and record how sessions end."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import struct
+import termios
+import uuid
+from typing import Any, Callable, Mapping
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import ProcessTerminated
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from coven.errors import (
+    InvalidRequest,
+    ProjectRootViolation,
+    PtySpawnFailed,
+    RuntimeUnavailable,
+    SessionNotFound,
+    SessionNotLive,
+)
+from coven.harnesses import HarnessRegistry, HarnessSpec
+from coven.pty import HarnessProtocol
+from coven.records import SessionRecord, utcnow
+from coven.store import Store
+
+log = Logger()
+
+DEFAULT_COLS = 80
+DEFAULT_ROWS = 24
+MAX_TERMINAL_SIZE = 1000
+TITLE_LENGTH = 80
+# Seconds between SIGTERM and SIGKILL when a session is killed.
+DEFAULT_KILL_GRACE = 3.0
+# Seconds the daemon keeps reading a PTY after its harness exited, for output a
+# background process still writes; the PTY may never close if one holds it open.
+DRAIN_TIMEOUT = 1.0
+# Variables that tell a harness it runs inside another agent session.
+NESTING_VARIABLES = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
+
+
+@attrs.frozen
+class LaunchRequest:
+    """
+    The validated fields of a launch request, before paths are resolved.
+    """
+
+    projectRoot: str
+    harness: str
+    prompt: str
+    cwd: str | None = None
+    title: str | None = None
+    cols: int = DEFAULT_COLS
+    rows: int = DEFAULT_ROWS
+
+
+@attrs.define(eq=False)
+class LiveSession:
+    """
+    A session whose harness this daemon spawned and has not finished recording.
+    """
+
+    record: SessionRecord
+    protocol: HarnessProtocol
+    transport: Any
+    pid: int
+    killed: bool = False
+    exitReason: Failure | None = None
+    finalized: bool = False
+    drainCall: Any = None
+    forceKillCall: Any = None
+    ended: defer.Deferred[None] = attrs.Factory(defer.Deferred)
+
+    @property
+    def acceptsInput(self) -> bool:
+        return not self.killed and self.exitReason is None
+
+
+def resolveProjectPaths(projectRoot: str, cwd: str | None) -> tuple[str, str]:
+    """
+    Return the canonical project root and working directory of a launch.
+
+    Both are resolved with symlinks followed, and the resolved paths are the ones
+    the harness is spawned in, so a link cannot point the check one way and the
+    spawn another.
+
+    @raise InvalidRequest: the root is not an absolute path of an existing folder,
+        is C{/}, or the working directory does not exist.
+    @raise ProjectRootViolation: the working directory resolves outside the root.
+    """
+    if not os.path.isabs(projectRoot):
+        raise InvalidRequest(
+            f"projectRoot must be an absolute path, got {projectRoot!r}.",
+            field="projectRoot",
+            projectRoot=projectRoot,
+        )
+    root = os.path.realpath(projectRoot)
+    if not os.path.isdir(root):
+        raise InvalidRequest(
+            f"projectRoot {projectRoot} is not an existing folder.",
+            field="projectRoot",
+            projectRoot=projectRoot,
+        )
+    if root == os.path.sep:
+        raise InvalidRequest(
+            "projectRoot must not be / because a session confined to the whole"
+            " filesystem is not confined; pass the project's folder.",
+            field="projectRoot",
+            projectRoot=projectRoot,
+        )
+
+    requested = root if cwd is None else os.path.join(root, cwd)
+    resolved = os.path.realpath(requested)
+    if os.path.commonpath([root, resolved]) != root:
+        raise ProjectRootViolation(
+            f"cwd {cwd} resolves to {resolved}, outside project root {root}.",
+            cwd=cwd,
+            resolvedCwd=resolved,
+            projectRoot=root,
+        )
+    if not os.path.isdir(resolved):
+        raise InvalidRequest(
+            f"cwd {cwd} is not an existing folder inside project root {root}.",
+            field="cwd",
+            cwd=cwd,
+        )
+    return root, resolved
+
+
+def defaultTitle(prompt: str, harness: HarnessSpec) -> str:
+    lines = prompt.strip().splitlines()
+    return lines[0][:TITLE_LENGTH] if lines else harness.label
+
+
+def signalName(number: int | None) -> str | None:
+    if number is None:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _readProc(pid: str, name: str) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def sessionMembers(sessionLeader: int, sessionId: str) -> list[int]:
+    """
+    Return the processes that belong to a session but left its process group,
+    found through C{/proc}: those of the harness's terminal session, and those
+    started from it that carry its C{COVEN_SESSION_ID} in their environment
+    even after starting a terminal session of their own. Empty where C{/proc}
+    is missing.
+    """
+    marker = f"COVEN_SESSION_ID={sessionId}".encode()
+    ownPid = os.getpid()
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == ownPid:
+            continue
+        stat = _readProc(entry, "stat")
+        if stat is None:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp session ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 4 or int(fields[2]) == sessionLeader:
+            continue
+        if int(fields[3]) == sessionLeader:
+            members.append(int(entry))
+            continue
+        environ = _readProc(entry, "environ")
+        if environ is not None and marker in environ.split(b"\0"):
+            members.append(int(entry))
+    return members
+
+
+def signalSession(sessionLeader: int, sessionId: str, signalNumber: int) -> bool:
+    """
+    Send C{signalNumber} to the harness's process group and to the session's
+    processes outside it (see L{sessionMembers}).
+
+    @return: whether any process was still there to receive it.
+    """
+    reached = False
+    try:
+        os.killpg(sessionLeader, signalNumber)
+        reached = True
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        reached = True
+    for pid in sessionMembers(sessionLeader, sessionId):
+        try:
+            os.kill(pid, signalNumber)
+            reached = True
+        except (ProcessLookupError, PermissionError):
+            pass
+    return reached
+
+
+class SessionManager(Service):
+    """
+    Launch, feed, kill and finish harness sessions.
+
+    @ivar killGrace: seconds between SIGTERM and SIGKILL.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        harnesses: HarnessRegistry,
+        reactor: Any,
+        killGrace: float = DEFAULT_KILL_GRACE,
+        environ: Mapping[str, str] | None = None,
+        signaller: Callable[[int, str, int], bool] = signalSession,
+    ) -> None:
+        """
+        @param signaller: sends a signal to a session's processes; see
+            L{signalSession}, which is the default.
+        """
+        self._store = store
+        self._signal = signaller
+        self.harnesses = harnesses
+        self._reactor = reactor
+        self.killGrace = killGrace
+        self._environ = dict(os.environ if environ is None else environ)
+        self._live: dict[str, LiveSession] = {}
+        self._stopping = False
+
+    # Queries
+
+    def liveSession(self, sessionId: str) -> LiveSession | None:
+        return self._live.get(sessionId)
+
+    @property
+    def liveCount(self) -> int:
+        return len(self._live)
+
+    def harnessEnvironment(self, sessionId: str) -> dict[str, str]:
+        environment = {
+            name: value for name, value in self._environ.items() if name not in NESTING_VARIABLES
+        }
+        environment["TERM"] = "xterm-256color"
+        environment["COVEN_SESSION_ID"] = sessionId
+        return environment
+
+    # Launch
+
+    async def launch(self, request: LaunchRequest) -> SessionRecord:
+        """
+        Validate C{request}, record the session and spawn its harness in a PTY.
+
+        @return: the new session, committed, with status C{running}.
+        @raise PtySpawnFailed: the executable is missing or could not start; the
+            session is then recorded as C{failed} with an C{exit} event that says why.
+        """
+        if self._stopping or not self.running:
+            raise RuntimeUnavailable("The daemon is stopping and launches no new sessions.")
+
+        harness = self.harnesses.get(request.harness)
+        if harness is None:
+            ids = ", ".join(spec.id for spec in self.harnesses.all())
+            raise InvalidRequest(
+                f"Unknown harness {request.harness!r}; configured harnesses: {ids}.",
+                field="harness",
+                harness=request.harness,
+                harnesses=[spec.id for spec in self.harnesses.all()],
+            )
+        root, cwd = resolveProjectPaths(request.projectRoot, request.cwd)
+
+        sessionId = str(uuid.uuid4())
+        now = utcnow()
+        title = request.title if request.title is not None else defaultTitle(request.prompt, harness)
+        record = SessionRecord(
+            id=sessionId,
+            project_root=root,
+            cwd=cwd,
+            harness=harness.id,
+            title=title,
+            status="running",
+            exit_code=None,
+            archived_at=None,
+            created_at=now,
+            updated_at=now,
+        )
+        environment = self.harnessEnvironment(sessionId)
+        executable = harness.resolveExecutable(environment.get("PATH", os.defpath))
+        if executable is None:
+            reason = f"executable {harness.command[0]!r} was not found on the daemon's PATH"
+            await self._recordSpawnFailure(record, reason)
+            raise PtySpawnFailed(
+                f"Harness {harness.id} could not be launched: {reason}.",
+                sessionId=sessionId,
+                harness=harness.id,
+            )
+
+        inserted = self._store.insertSession(record)
+        try:
+            live = self._spawn(record, harness, executable, request, environment)
+        except OSError as error:
+            # The insert is queued before the failure is recorded, so the
+            # failure's update and event follow it.
+            reason = f"spawning {executable} failed: {error.strerror or error}"
+            self._store.updateSession(sessionId, status="failed")
+            self._store.appendEvent(
+                sessionId, "exit", {"exitCode": None, "signal": None, "status": "failed", "reason": reason}
+            )
+            await inserted
+            log.error(
+                "Launch of session {sessionId} ({harness}) failed: {reason}",
+                sessionId=sessionId,
+                harness=harness.id,
+                reason=reason,
+            )
+            raise PtySpawnFailed(
+                f"Harness {harness.id} could not be launched: {reason}.",
+                sessionId=sessionId,
+                harness=harness.id,
+            )
+
+        self._live[sessionId] = live
+        log.info(
+            "Launched session {sessionId} ({harness}) as pid {pid} in {cwd}",
+            sessionId=sessionId,
+            harness=harness.id,
+            pid=live.pid,
+            cwd=cwd,
+        )
+        await inserted
+        return record
+
+    async def _recordSpawnFailure(self, record: SessionRecord, reason: str) -> None:
+        failed = attrs.evolve(record, status="failed")
+        inserted = self._store.insertSession(failed)
+        self._store.appendEvent(
+            record.id, "exit", {"exitCode": None, "signal": None, "status": "failed", "reason": reason}
+        )
+        log.error(
+            "Launch of session {sessionId} ({harness}) failed: {reason}",
+            sessionId=record.id,
+            harness=record.harness,
+            reason=reason,
+        )
+        await inserted
+
+    def _spawn(
+        self,
+        record: SessionRecord,
+        harness: HarnessSpec,
+        executable: str,
+        request: LaunchRequest,
+        environment: dict[str, str],
+    ) -> LiveSession:
+        # The window size is set on the PTY before the fork, so the harness never
+        # sees a 0x0 terminal.
+        master, slave = os.openpty()
+        try:
+            setWindowSize(master, request.cols, request.rows)
+            ttyName = os.ttyname(slave)
+        except OSError:
+            os.close(master)
+            os.close(slave)
+            raise
+
+        holder: dict[str, LiveSession] = {}
+        protocol = HarnessProtocol(
+            record.id,
+            self._store,
+            self._reactor,
+            onExited=lambda reason: self._processExited(holder["live"], reason),
+            onEnded=lambda: self._processEnded(holder["live"]),
+        )
+        try:
+            transport = self._reactor.spawnProcess(
+                protocol,
+                executable,
+                harness.argv(request.prompt),
+                env=environment,
+                path=record.cwd,
+                usePTY=(master, slave, ttyName),
+            )
+        except BaseException:
+            # Twisted closes the slave end only after a successful fork.
+            for fd in (master, slave):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        live = LiveSession(record, protocol, transport, transport.pid)
+        holder["live"] = live
+        return live
+
+    # Input and resize
+
+    def _requireLive(self, sessionId: str, existing: SessionRecord | None) -> LiveSession:
+        live = self._live.get(sessionId)
+        if live is not None and live.acceptsInput:
+            return live
+        if existing is None and live is None:
+            raise SessionNotFound(sessionId=sessionId)
+        raise SessionNotLive(sessionId=sessionId)
+
+    async def _lookup(self, sessionId: str) -> LiveSession:
+        live = self._live.get(sessionId)
+        if live is not None and live.acceptsInput:
+            return live
+        existing = await self._store.getSession(sessionId)
+        return self._requireLive(sessionId, existing)
+
+    async def sendInput(self, sessionId: str, data: str) -> None:
+        """
+        Write C{data} to a live session's PTY and record an C{input} event.
+
+        Output read before this call was queued as it arrived, so the C{input}
+        event follows it and the harness's echo follows the event.
+        """
+        live = await self._lookup(sessionId)
+        if not live.acceptsInput:
+            raise SessionNotLive(sessionId=sessionId)
+        self._store.appendEvent(sessionId, "input", {"data": data})
+        live.transport.write(data.encode("utf-8"))
+
+    async def resize(self, sessionId: str, cols: int, rows: int) -> None:
+        """
+        Set a live session's PTY window size; the harness gets SIGWINCH.
+        """
+        live = await self._lookup(sessionId)
+        setWindowSize(live.transport.fileno(), cols, rows)
+
+    # Record management
+
+    async def _finishedSession(self, sessionId: str) -> SessionRecord:
+        record = await self._store.getSession(sessionId)
+        if record is None:
+            raise SessionNotFound(sessionId=sessionId)
+        if sessionId in self._live or record.status == "running":
+            raise SessionNotLive(
+                f"Session {sessionId} is still running; kill it or wait for it to exit first.",
+                sessionId=sessionId,
+                status=record.status,
+            )
+        return record
+
+    async def archive(self, sessionId: str) -> SessionRecord:
+        """
+        Hide a finished session from the default session list.
+        """
+        record = await self._finishedSession(sessionId)
+        if record.archived_at is None:
+            now = utcnow()
+            await self._store.updateSession(sessionId, wait=True, archived_at=now, updated_at=now)
+            record = attrs.evolve(record, archived_at=now, updated_at=now)
+        return record
+
+    async def summon(self, sessionId: str) -> SessionRecord:
+        """
+        Bring an archived session back into the default session list.
+        """
+        record = await self._finishedSession(sessionId)
+        if record.archived_at is not None:
+            now = utcnow()
+            await self._store.updateSession(sessionId, wait=True, archived_at=None, updated_at=now)
+            record = attrs.evolve(record, archived_at=None, updated_at=now)
+        return record
+
+    async def delete(self, sessionId: str) -> None:
+        """
+        Delete a finished session and all its events.
+        """
+        await self._finishedSession(sessionId)
+        await self._store.deleteSession(sessionId)
+        log.info("Deleted session {sessionId} and its events", sessionId=sessionId)
+
+    # Kill
+
+    async def kill(self, sessionId: str, reason: str = "requested") -> None:
+        """
+        Mark a live session C{killed}, record a C{kill} event and send SIGTERM to
+        its process group; SIGKILL follows after L{killGrace} seconds.
+        """
+        live = await self._lookup(sessionId)
+        await self._kill(live, reason)
+
+    def _kill(self, live: LiveSession, reason: str) -> defer.Deferred[None]:
+        live.killed = True
+        sessionId = live.record.id
+        self._store.updateSession(sessionId, status="killed")
+        committed = self._store.appendEvent(
+            sessionId,
+            "kill",
+            {"status": "killed", "signal": "SIGTERM", "reason": reason},
+            wait=True,
+        )
+        log.info(
+            "Killing session {sessionId} (pid {pid}): {reason}",
+            sessionId=sessionId,
+            pid=live.pid,
+            reason=reason,
+        )
+        self._signal(live.pid, live.record.id, signal.SIGTERM)
+        live.forceKillCall = self._reactor.callLater(self.killGrace, self._forceKill, live)
+        assert committed is not None
+        return committed
+
+    def _forceKill(self, live: LiveSession) -> None:
+        live.forceKillCall = None
+        if self._signal(live.pid, live.record.id, signal.SIGKILL):
+            log.info(
+                "Session {sessionId} (pid {pid}) outlived SIGTERM by {grace}s; sent SIGKILL",
+                sessionId=live.record.id,
+                pid=live.pid,
+                grace=self.killGrace,
+            )
+
+    # How a session ends
+
+    def _processExited(self, live: LiveSession, reason: Failure) -> None:
+        live.exitReason = reason
+        if live.protocol.ptyClosed:
+            self._finalize(live)
+        else:
+            live.drainCall = self._reactor.callLater(DRAIN_TIMEOUT, self._drainTimedOut, live)
+
+    def _processEnded(self, live: LiveSession) -> None:
+        if live.exitReason is not None and not live.finalized:
+            if live.drainCall is not None and live.drainCall.active():
+                live.drainCall.cancel()
+            self._finalize(live)
+
+    def _drainTimedOut(self, live: LiveSession) -> None:
+        live.drainCall = None
+        if live.finalized:
+            return
+        if self._store.producersPaused:
+            # The PTY is paused because the store is behind; what it still
+            # holds is output the harness wrote before exiting, so wait.
+            live.drainCall = self._reactor.callLater(DRAIN_TIMEOUT / 10, self._drainTimedOut, live)
+            return
+        self._finalize(live)
+
+    def _finalize(self, live: LiveSession) -> None:
+        live.finalized = True
+        sessionId = live.record.id
+        live.protocol.finishOutput()
+
+        assert live.exitReason is not None
+        exitCode, signalNumber = exitStatus(live.exitReason)
+        if live.killed:
+            status = "killed"
+        elif exitCode == 0:
+            status = "completed"
+        else:
+            status = "failed"
+        self._store.updateSession(sessionId, status=status, exit_code=exitCode)
+        committed = self._store.appendEvent(
+            sessionId,
+            "exit",
+            {"exitCode": exitCode, "signal": signalName(signalNumber), "status": status},
+            wait=True,
+        )
+        del self._live[sessionId]
+        log.info(
+            "Session {sessionId} ended: {status}, exit code {exitCode}, signal {signal}",
+            sessionId=sessionId,
+            status=status,
+            exitCode=exitCode,
+            signal=signalName(signalNumber),
+        )
+
+        # A background process of the harness may still hold the PTY. End the
+        # rest of the process group; a kill in progress already has its SIGKILL
+        # timer.
+        if not live.killed and self._signal(live.pid, live.record.id, signal.SIGTERM):
+            live.forceKillCall = self._reactor.callLater(self.killGrace, self._forceKill, live)
+        live.transport.loseConnection()
+
+        assert committed is not None
+        committed.addBoth(lambda _: live.ended.callback(None))
+
+    # Service
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Kill every live session and wait until each one's exit is recorded.
+        """
+        super().stopService()
+        self._stopping = True
+        waits = []
+        for live in list(self._live.values()):
+            if live.exitReason is None and not live.killed:
+                self._kill(live, "daemon stopping").addErrback(lambda _: None)
+            waits.append(live.ended)
+        return defer.DeferredList(waits).addCallback(lambda _: None)
+
+
+def exitStatus(reason: Failure) -> tuple[int | None, int | None]:
+    """
+    Return the exit code and signal number of a process end.
+    """
+    value = reason.value
+    if isinstance(value, ProcessTerminated):
+        return value.exitCode, value.signal
+    return getattr(value, "exitCode", 0), None
+
+
+def setWindowSize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

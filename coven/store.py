@@ -1,0 +1,651 @@
+"""SQLite store of sessions and events: schema, ordered batched writes, reads, long-poll wake-ups."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import uuid
+from collections import deque
+from typing import Any, Callable, Iterable
+
+import attrs
+from twisted.application.service import Service
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+
+from coven.errors import RuntimeUnavailable
+from coven.records import Event, EventPage, SessionRecord, utcnow
+
+log = Logger()
+
+SESSION_COLUMNS = (
+    "id, project_root, cwd, harness, title, status, exit_code, archived_at,"
+    " created_at, updated_at"
+)
+EVENT_COLUMNS = "seq, id, session_id, kind, payload_json, created_at"
+
+# Each entry upgrades the schema from its index to index + 1; PRAGMA user_version
+# holds the number of entries applied.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            project_root TEXT NOT NULL,
+            cwd TEXT NOT NULL,
+            harness TEXT NOT NULL,
+            title TEXT NOT NULL,
+            status TEXT NOT NULL,
+            exit_code INTEGER,
+            archived_at TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX sessions_by_created ON sessions (created_at)",
+        # AUTOINCREMENT keeps seq strictly increasing and never reused, even after
+        # the newest events are deleted, so a persisted cursor stays meaningful.
+        """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            payload_json TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX events_by_session ON events (session_id, seq)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# The largest output event the writer builds by merging reads, in characters.
+MAX_OUTPUT_EVENT_CHARS = 64 * 1024
+# The most output bytes one write transaction takes from the queue.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+# Queued but uncommitted output above HIGH_WATER pauses every registered PTY;
+# reading resumes once the queue is back under LOW_WATER.
+HIGH_WATER_BYTES = 16 * 1024 * 1024
+LOW_WATER_BYTES = 4 * 1024 * 1024
+# Seconds before a failed write transaction is tried again.
+RETRY_DELAY = 1.0
+
+
+class StoreSchemaError(Exception):
+    """
+    The database file was written by a newer Coven or is not a Coven database.
+    """
+
+
+def _configureConnection(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA busy_timeout = 5000")
+    connection.execute("PRAGMA synchronous = NORMAL")
+
+
+def _newEventId() -> str:
+    return str(uuid.uuid4())
+
+
+@attrs.define
+class _Write:
+    """
+    One queued write; C{waiters} fire once the transaction holding it commits.
+    """
+
+    sql: str
+    params: tuple[Any, ...]
+    sessionId: str | None
+    waiters: list[defer.Deferred[None]] = attrs.Factory(list)
+
+
+@attrs.define
+class _EventWrite:
+    """
+    One queued event; its payload is encoded as JSON in the writer thread.
+    """
+
+    id: str
+    sessionId: str
+    kind: str
+    payload: dict[str, Any]
+    createdAt: str
+    waiters: list[defer.Deferred[None]] = attrs.Factory(list)
+
+
+@attrs.define
+class _OutputWrite:
+    """
+    One queued output event that later reads of the same session extend until it
+    is taken by a transaction.
+
+    C{raws} has one entry per merged read: the exact bytes where the read was not
+    valid UTF-8, else C{None}.
+    """
+
+    id: str
+    sessionId: str
+    texts: list[str]
+    raws: list[bytes | None]
+    chars: int
+    size: int
+    createdAt: str
+    waiters: list[defer.Deferred[None]] = attrs.Factory(list)
+
+    def payload(self) -> dict[str, Any]:
+        data = "".join(self.texts)
+        payload: dict[str, Any] = {"data": data}
+        if any(raw is not None for raw in self.raws):
+            exact = b"".join(
+                text.encode("utf-8") if raw is None else raw
+                for text, raw in zip(self.texts, self.raws)
+            )
+            payload["raw"] = base64.b64encode(exact).decode("ascii")
+        return payload
+
+
+_Op = _Write | _EventWrite | _OutputWrite
+
+
+def openDatabase(path: str) -> list[str]:
+    """
+    Create or upgrade the database at C{path} and mark sessions left C{running}
+    by an earlier daemon as C{orphaned}, each with an C{orphaned} event.
+
+    This runs once at start, before the daemon accepts requests, so it uses a
+    plain connection instead of the pool.
+
+    @return: the ids of the sessions marked C{orphaned}.
+    @raise StoreSchemaError: the file has a newer schema than this daemon knows.
+    """
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
+
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        _configureConnection(connection)
+        connection.execute("PRAGMA journal_mode = WAL")
+        return prepareDatabase(connection, path)
+    finally:
+        connection.close()
+
+
+def prepareDatabase(connection: sqlite3.Connection, name: str) -> list[str]:
+    """
+    Migrate the schema on C{connection} and mark orphaned sessions; see
+    L{openDatabase}.
+    """
+    _migrate(connection, name)
+    return _markOrphans(connection)
+
+
+def _migrate(connection: sqlite3.Connection, path: str) -> None:
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreSchemaError(
+            f"database {path} has schema version {version}, but this Coven knows"
+            f" versions up to {SCHEMA_VERSION}; upgrade Coven or use another --home"
+        )
+
+    for target in range(version, SCHEMA_VERSION):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target]:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {target + 1}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+
+def _markOrphans(connection: sqlite3.Connection) -> list[str]:
+    now = utcnow()
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        ids = [
+            row[0]
+            for row in connection.execute(
+                "SELECT id FROM sessions WHERE status = 'running' ORDER BY created_at"
+            )
+        ]
+        payload = _encodePayload({"reason": "daemon restarted while the session was running"})
+        for sessionId in ids:
+            connection.execute(
+                "UPDATE sessions SET status = 'orphaned', updated_at = ? WHERE id = ?",
+                (now, sessionId),
+            )
+            connection.execute(
+                "INSERT INTO events (id, session_id, kind, payload_json, created_at)"
+                " VALUES (?, ?, 'orphaned', ?, ?)",
+                (_newEventId(), sessionId, payload, now),
+            )
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return ids
+
+
+def _sessionFromRow(row: Iterable[Any]) -> SessionRecord:
+    return SessionRecord(*row)
+
+
+class Store(Service):
+    """
+    The daemon's only path to the database.
+
+    Writes go through one ordered queue served by a single-connection pool, so the
+    order in which the daemon queues events is their C{seq} order. Reads use a
+    second pool; in WAL mode they see every committed write and never wait for
+    the writer.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        reactor: IReactorTime,
+        poolFactory: Callable[[int], Any] | None = None,
+    ) -> None:
+        """
+        @param poolFactory: builds a connection pool with the given maximum
+            number of connections; by default an C{adbapi.ConnectionPool} on
+            C{path}. Tests pass one that runs interactions synchronously.
+        """
+        self.path = path
+        self._reactor = reactor
+        self._poolFactory = poolFactory or self._adbapiPool
+        self._writer: adbapi.ConnectionPool | None = None
+        self._reader: adbapi.ConnectionPool | None = None
+
+        self._queue: deque[_Op] = deque()
+        self._openOutputs: dict[str, _OutputWrite] = {}
+        self._inFlight = False
+        self._flushCall: Any = None
+        self._retryDelay = RETRY_DELAY
+        self._idleWaiters: list[defer.Deferred[None]] = []
+
+        self.pendingBytes = 0
+        self._producers: set[IPushProducer] = set()
+        self._producersPaused = False
+
+        self._eventWaiters: dict[str, list[defer.Deferred[None]]] = {}
+        self.writeFailures = 0
+
+    # Service lifecycle
+
+    def open(self) -> list[str]:
+        """
+        Prepare the database file; see L{openDatabase}.
+        """
+        return openDatabase(self.path)
+
+    def _adbapiPool(self, connections: int) -> adbapi.ConnectionPool:
+        return adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,
+            isolation_level=None,
+            cp_min=1,
+            cp_max=connections,
+            cp_openfun=_configureConnection,
+            cp_reconnect=False,
+            cp_reactor=self._reactor,
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        # One writer connection keeps the queue's order; readers never block it.
+        self._writer = self._poolFactory(1)
+        self._reader = self._poolFactory(2)
+
+    async def _stop(self) -> None:
+        await self.flush()
+        self._wakeAllWaiters()
+        for pool in (self._writer, self._reader):
+            if pool is not None:
+                pool.close()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    # Backpressure
+
+    def registerProducer(self, producer: IPushProducer) -> None:
+        """
+        Have C{producer} paused while the write queue is over the high-water mark.
+        """
+        self._producers.add(producer)
+        if self._producersPaused:
+            producer.pauseProducing()
+
+    def unregisterProducer(self, producer: IPushProducer) -> None:
+        self._producers.discard(producer)
+
+    def _updatePressure(self) -> None:
+        if not self._producersPaused and self.pendingBytes > HIGH_WATER_BYTES:
+            self._producersPaused = True
+            log.info(
+                "Write queue holds {pendingBytes} bytes; pausing {count} PTYs",
+                pendingBytes=self.pendingBytes,
+                count=len(self._producers),
+            )
+            for producer in list(self._producers):
+                producer.pauseProducing()
+        elif self._producersPaused and self.pendingBytes < LOW_WATER_BYTES:
+            self._producersPaused = False
+            for producer in list(self._producers):
+                producer.resumeProducing()
+
+    @property
+    def producersPaused(self) -> bool:
+        return self._producersPaused
+
+    # Writes
+
+    def _enqueue(self, op: _Op, wait: bool) -> defer.Deferred[None] | None:
+        waiter: defer.Deferred[None] | None = None
+        if wait:
+            waiter = defer.Deferred()
+            op.waiters.append(waiter)
+        self._queue.append(op)
+        self._scheduleFlush()
+        return waiter
+
+    def insertSession(self, record: SessionRecord) -> defer.Deferred[None]:
+        """
+        Queue the insert of a new session row.
+
+        @return: a Deferred that fires once the row is committed.
+        """
+        self._openOutputs.pop(record.id, None)
+        values = attrs.astuple(record)
+        sql = f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({', '.join('?' * len(values))})"
+        waiter = self._enqueue(_Write(sql, values, record.id), wait=True)
+        assert waiter is not None
+        return waiter
+
+    def updateSession(
+        self, sessionId: str, wait: bool = False, **fields: Any
+    ) -> defer.Deferred[None] | None:
+        """
+        Queue an update of a session row's C{fields}; C{updated_at} is set too.
+        """
+        fields.setdefault("updated_at", utcnow())
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        sql = f"UPDATE sessions SET {assignments} WHERE id = ?"
+        params = (*fields.values(), sessionId)
+        return self._enqueue(_Write(sql, params, None), wait)
+
+    def appendEvent(
+        self, sessionId: str, kind: str, payload: dict[str, Any], wait: bool = False
+    ) -> defer.Deferred[None] | None:
+        """
+        Queue an event after everything queued before it.
+        """
+        self._openOutputs.pop(sessionId, None)
+        op = _EventWrite(_newEventId(), sessionId, kind, payload, utcnow())
+        return self._enqueue(op, wait)
+
+    def appendOutput(self, sessionId: str, text: str, raw: bytes | None, size: int) -> None:
+        """
+        Queue output read from a session's PTY, merging it into that session's
+        newest output event while no transaction has taken it yet.
+
+        @param text: the decoded text.
+        @param raw: the exact bytes when they were not valid UTF-8, else C{None}.
+        @param size: how many bytes were read, for backpressure accounting.
+        """
+        self.pendingBytes += size
+        pending = self._openOutputs.get(sessionId)
+        if pending is not None and pending.chars + len(text) <= MAX_OUTPUT_EVENT_CHARS:
+            pending.texts.append(text)
+            pending.raws.append(raw)
+            pending.chars += len(text)
+            pending.size += size
+        else:
+            pending = _OutputWrite(
+                _newEventId(), sessionId, [text], [raw], len(text), size, utcnow()
+            )
+            self._openOutputs[sessionId] = pending
+            self._queue.append(pending)
+        self._updatePressure()
+        self._scheduleFlush()
+
+    def _scheduleFlush(self) -> None:
+        # Deferring the flush to the next reactor turn lets every read that
+        # arrived in this turn join one transaction.
+        if self._flushCall is None and not self._inFlight and self._queue:
+            self._flushCall = self._reactor.callLater(0, self._flush)
+
+    def _takeBatch(self) -> list[_Op]:
+        batch: list[_Op] = []
+        size = 0
+        while self._queue and (not batch or size < MAX_BATCH_BYTES):
+            op = self._queue.popleft()
+            if isinstance(op, _OutputWrite):
+                if self._openOutputs.get(op.sessionId) is op:
+                    del self._openOutputs[op.sessionId]
+                size += op.size
+            batch.append(op)
+        return batch
+
+    def _flush(self) -> None:
+        self._flushCall = None
+        if self._inFlight or not self._queue or self._writer is None:
+            return
+        batch = self._takeBatch()
+        self._inFlight = True
+        d = self._writer.runInteraction(_writeBatch, batch)
+        d.addCallbacks(
+            self._batchCommitted,
+            self._batchFailed,
+            callbackArgs=(batch,),
+            errbackArgs=(batch,),
+        )
+
+    def _batchCommitted(self, _: object, batch: list[_Op]) -> None:
+        self._inFlight = False
+        self._retryDelay = RETRY_DELAY
+        woken: set[str] = set()
+        for op in batch:
+            if isinstance(op, _OutputWrite):
+                self.pendingBytes -= op.size
+            if isinstance(op, (_EventWrite, _OutputWrite)):
+                woken.add(op.sessionId)
+            for waiter in op.waiters:
+                waiter.callback(None)
+            op.waiters.clear()
+
+        self._updatePressure()
+        for sessionId in woken:
+            for waiter in self._eventWaiters.pop(sessionId, ()):
+                waiter.callback(None)
+
+        if self._queue:
+            self._scheduleFlush()
+        else:
+            idle, self._idleWaiters = self._idleWaiters, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def _batchFailed(self, failure: Any, batch: list[_Op]) -> None:
+        self._inFlight = False
+        self.writeFailures += 1
+        log.failure(
+            "Write of {count} queued records failed; retrying in {delay}s",
+            failure,
+            count=len(batch),
+            delay=self._retryDelay,
+        )
+        # The batch goes back to the front of the queue unchanged, so nothing is
+        # lost and the order is kept; callers waiting on it learn of the failure.
+        for op in batch:
+            for waiter in op.waiters:
+                waiter.errback(RuntimeUnavailable("The session store cannot write right now."))
+            op.waiters.clear()
+        self._queue.extendleft(reversed(batch))
+        self._updatePressure()
+        self._flushCall = self._reactor.callLater(self._retryDelay, self._flush)
+        self._retryDelay = min(self._retryDelay * 2, 10.0)
+
+    def flush(self) -> defer.Deferred[None]:
+        """
+        Return a Deferred that fires once everything queued so far is committed.
+        """
+        if not self._queue and not self._inFlight:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idleWaiters.append(waiter)
+        return waiter
+
+    def deleteSession(self, sessionId: str) -> defer.Deferred[None]:
+        """
+        Queue the delete of a session row; its events go with it.
+        """
+        self._openOutputs.pop(sessionId, None)
+        waiter = self._enqueue(_Write("DELETE FROM sessions WHERE id = ?", (sessionId,), None), wait=True)
+        assert waiter is not None
+        return waiter
+
+    # Reads
+
+    def _read(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        if self._reader is None:
+            return defer.fail(RuntimeUnavailable("The session store is not open."))
+        return self._reader.runInteraction(function, *args)
+
+    def getSession(self, sessionId: str) -> defer.Deferred[SessionRecord | None]:
+        def query(cursor: sqlite3.Cursor) -> SessionRecord | None:
+            cursor.execute(f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (sessionId,))
+            row = cursor.fetchone()
+            return None if row is None else _sessionFromRow(row)
+
+        return self._read(query)
+
+    def listSessions(self, archived: bool = False) -> defer.Deferred[list[SessionRecord]]:
+        """
+        Return non-archived sessions, or with C{archived} the archived ones,
+        newest first.
+        """
+        condition = "archived_at IS NOT NULL" if archived else "archived_at IS NULL"
+
+        def query(cursor: sqlite3.Cursor) -> list[SessionRecord]:
+            cursor.execute(
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {condition}"
+                " ORDER BY created_at DESC, rowid DESC"
+            )
+            return [_sessionFromRow(row) for row in cursor.fetchall()]
+
+        return self._read(query)
+
+    def readEvents(
+        self, sessionId: str, afterSeq: int, limit: int
+    ) -> defer.Deferred[EventPage | None]:
+        """
+        Return the session's events with C{seq} above C{afterSeq}, at most
+        C{limit} of them, or C{None} when the session does not exist.
+        """
+
+        def query(cursor: sqlite3.Cursor) -> EventPage | None:
+            cursor.execute("SELECT 1 FROM sessions WHERE id = ?", (sessionId,))
+            if cursor.fetchone() is None:
+                return None
+            cursor.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (sessionId, afterSeq, limit + 1),
+            )
+            rows = cursor.fetchall()
+            events = tuple(Event(*row) for row in rows[:limit])
+            return EventPage(events, hasMore=len(rows) > limit)
+
+        return self._read(query)
+
+    def findEventSeq(self, sessionId: str, eventId: str) -> defer.Deferred[int | None]:
+        """
+        Return the C{seq} of the session's event C{eventId}, or C{None}.
+        """
+
+        def query(cursor: sqlite3.Cursor) -> int | None:
+            cursor.execute(
+                "SELECT seq FROM events WHERE session_id = ? AND id = ?", (sessionId, eventId)
+            )
+            row = cursor.fetchone()
+            return None if row is None else row[0]
+
+        return self._read(query)
+
+    # Long-poll wake-ups
+
+    def waitForEvents(self, sessionId: str) -> defer.Deferred[None]:
+        """
+        Return a Deferred that fires when the next transaction holding an event of
+        C{sessionId} commits; cancelling it forgets the wait.
+        """
+
+        def forget(waiter: defer.Deferred[None]) -> None:
+            waiters = self._eventWaiters.get(sessionId, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._eventWaiters.pop(sessionId, None)
+
+        waiter: defer.Deferred[None] = defer.Deferred(forget)
+        self._eventWaiters.setdefault(sessionId, []).append(waiter)
+        return waiter
+
+    def _wakeAllWaiters(self) -> None:
+        waiters, self._eventWaiters = self._eventWaiters, {}
+        for sessionWaiters in waiters.values():
+            for waiter in sessionWaiters:
+                waiter.callback(None)
+
+
+def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> None:
+    """
+    Write C{batch} in one transaction, in queue order, in the writer thread.
+    """
+    cursor.execute("BEGIN IMMEDIATE")
+    try:
+        eventRows: list[tuple[str, str, str, str, str]] = []
+        for op in batch:
+            if isinstance(op, _Write):
+                # Keep the order of session writes relative to events.
+                if eventRows:
+                    _insertEvents(cursor, eventRows)
+                    eventRows = []
+                cursor.execute(op.sql, op.params)
+            elif isinstance(op, _OutputWrite):
+                eventRows.append(
+                    (op.id, op.sessionId, "output", _encodePayload(op.payload()), op.createdAt)
+                )
+            else:
+                eventRows.append(
+                    (op.id, op.sessionId, op.kind, _encodePayload(op.payload), op.createdAt)
+                )
+        if eventRows:
+            _insertEvents(cursor, eventRows)
+        cursor.execute("COMMIT")
+    except BaseException:
+        cursor.execute("ROLLBACK")
+        raise
+
+
+def _encodePayload(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def _insertEvents(cursor: sqlite3.Cursor, rows: list[tuple[str, str, str, str, str]]) -> None:
+    cursor.executemany(
+        "INSERT INTO events (id, session_id, kind, payload_json, created_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        rows,
+    )

@@ -1,0 +1,161 @@
+"""A stand-in coding-agent CLI for tests; the prompt selects its behaviour.
+
+The prompt is one argument of the form "MODE ARG...":
+
+    print TEXT          print TEXT and exit 0
+    exit CODE           print "exiting CODE" and exit with CODE
+    echo                print "ready", then echo each input line as "got: LINE"
+                        until the line "quit"
+    sleep               print "ready" and wait until killed
+    ignore-term         ignore SIGTERM, print "ready" and wait
+    grandchild FILE     start a child that ignores SIGTERM, write both pids to FILE,
+                        print "ready" and wait
+    split-utf8          print "before" and the first byte of "é", wait for an
+                        input line, then print its second byte and " after"
+    bytes HEX           write the bytes HEX and exit 0
+    burst SIZE          write SIZE bytes of a known pattern and exit 0
+    env NAME...         print NAME=value for each variable, then the window size
+    query               send a cursor position query, print the reply, exit 0
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import termios
+import time
+import tty
+
+
+def pattern(size: int) -> bytes:
+    """
+    Return SIZE bytes of numbered lines, the same for the harness and the tests.
+    """
+    chunks = []
+    total = 0
+    number = 0
+    while total < size:
+        line = f"line {number:08d} abcdefghijklmnopqrstuvwxyz0123456789\n".encode("ascii")
+        chunks.append(line)
+        total += len(line)
+        number += 1
+    return b"".join(chunks)[:size]
+
+
+def write(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(1, view)
+        view = view[written:]
+
+
+def rawOutput() -> None:
+    # Turn off output processing (newline to CRLF) so bytes arrive unchanged.
+    attributes = termios.tcgetattr(1)
+    attributes[1] &= ~termios.OPOST
+    termios.tcsetattr(1, termios.TCSANOW, attributes)
+
+
+def noEcho() -> None:
+    attributes = termios.tcgetattr(0)
+    attributes[3] &= ~termios.ECHO
+    termios.tcsetattr(0, termios.TCSANOW, attributes)
+
+
+def waitForever() -> None:
+    while True:
+        signal.pause()
+
+
+def main(prompt: str) -> int:
+    mode, _, argument = prompt.partition(" ")
+
+    if mode == "print":
+        write(argument.encode("utf-8") + b"\n")
+        return 0
+
+    if mode == "exit":
+        write(f"exiting {argument}\n".encode("ascii"))
+        return int(argument)
+
+    if mode == "echo":
+        write(b"ready\n")
+        for line in sys.stdin:
+            line = line.rstrip("\r\n")
+            if line == "quit":
+                write(b"bye\n")
+                return 0
+            write(f"got: {line}\n".encode("utf-8"))
+        return 0
+
+    if mode == "sleep":
+        write(b"ready\n")
+        waitForever()
+
+    if mode == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        write(b"ready\n")
+        waitForever()
+
+    if mode == "grandchild":
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.pause()",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with open(argument + ".tmp", "w") as file:
+            file.write(f"{os.getpid()} {child.pid}\n")
+        os.replace(argument + ".tmp", argument)
+        write(b"ready\n")
+        waitForever()
+
+    if mode == "split-utf8":
+        noEcho()
+        encoded = "é".encode("utf-8")
+        write(b"before " + encoded[:1])
+        sys.stdin.readline()
+        write(encoded[1:] + b" after\n")
+        return 0
+
+    if mode == "bytes":
+        rawOutput()
+        write(bytes.fromhex(argument))
+        return 0
+
+    if mode == "burst":
+        rawOutput()
+        write(pattern(int(argument)))
+        return 0
+
+    if mode == "env":
+        for name in argument.split():
+            write(f"{name}={os.environ.get(name, '<unset>')}\n".encode("utf-8"))
+        rows, columns = os.get_terminal_size(1).lines, os.get_terminal_size(1).columns
+        write(f"size={columns}x{rows}\n".encode("ascii"))
+        write(f"cwd={os.getcwd()}\n".encode("utf-8"))
+        return 0
+
+    if mode == "query":
+        tty.setraw(0)
+        write(b"\x1b[6n")
+        reply = b""
+        deadline = time.monotonic() + 10
+        while not reply.endswith(b"R") and time.monotonic() < deadline:
+            reply += os.read(0, 64)
+        rawOutput()
+        write(b"reply: " + reply.replace(b"\x1b", b"ESC") + b"\n")
+        return 0
+
+    write(f"unknown mode {mode!r}\n".encode("utf-8"))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ""))
