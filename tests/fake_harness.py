@@ -8,8 +8,11 @@ The prompt is one argument of the form "MODE ARG...":
                         until the line "quit"
     sleep               print "ready" and wait until killed
     ignore-term         ignore SIGTERM, print "ready" and wait
-    grandchild FILE     start a child that ignores SIGTERM, write both pids to FILE,
+    grandchild FILE     start a child that ignores SIGTERM and SIGHUP, write both
+                        pids to FILE,
                         print "ready" and wait
+    leave-behind FILE   start a child that ignores SIGHUP and keeps the PTY open,
+                        write its pid to FILE, print "started" and exit 0
     split-utf8          print "before" and the first byte of "é", wait for an
                         input line, then print its second byte and " after"
     bytes HEX           write the bytes HEX and exit 0
@@ -104,7 +107,10 @@ def main(prompt: str) -> int:
             [
                 sys.executable,
                 "-c",
-                "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.pause()",
+                "import signal\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+                "signal.pause()",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -115,6 +121,30 @@ def main(prompt: str) -> int:
         os.replace(argument + ".tmp", argument)
         write(b"ready\n")
         waitForever()
+
+    if mode == "leave-behind":
+        # The child writes to a pipe once it ignores SIGHUP, and the harness
+        # exits only after reading that, so the hang-up cannot reach it first.
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import signal, sys\n"
+                "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+                "sys.stdin.close()\n"
+                "print('child ready', flush=True, file=sys.stderr)\n"
+                "signal.pause()",
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        assert child.stderr is not None
+        child.stderr.readline()
+        with open(argument + ".tmp", "w") as file:
+            file.write(f"{child.pid}\n")
+        os.replace(argument + ".tmp", argument)
+        write(b"started\n")
+        return 0
 
     if mode == "split-utf8":
         noEcho()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
+import socket
 import sys
 import time
 from typing import Any, Awaitable, Callable
@@ -169,6 +171,25 @@ async def pollUntil(
         await deferLater(reactor, interval, lambda: None)
 
 
+def sessionProcesses(sessionId: str) -> list[int]:
+    """
+    Return the live processes whose environment carries C{COVEN_SESSION_ID}.
+    """
+    marker = f"COVEN_SESSION_ID={sessionId}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as file:
+                environ = file.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ and processExists(int(entry)):
+            found.append(int(entry))
+    return found
+
+
 def processExists(pid: int) -> bool:
     """
     Return whether C{pid} is a process that has not exited (zombies count as
@@ -180,3 +201,46 @@ def processExists(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socketPath: str, timeout: float) -> None:
+        super().__init__("coven", timeout=timeout)
+        self.socketPath = socketPath
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socketPath)
+
+
+def requestBlocking(
+    socketPath: str, method: str, path: str, body: Any = None, timeout: float = 10.0
+) -> tuple[int, Any]:
+    """
+    Send one request without the reactor, for tests that drive a daemon in
+    another process.
+    """
+    connection = _UnixHTTPConnection(socketPath, timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        content = response.read()
+        if response.getheader("Content-Type") == "application/json":
+            return response.status, json.loads(content)
+        return response.status, content
+    finally:
+        connection.close()
+
+
+def waitUntil(check: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """
+    Block until C{check} returns true, failing after C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

@@ -1,0 +1,406 @@
+"""End-to-end session tests: a real daemon, a real Unix socket, real PTYs and SQLite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from coven.sessions import DRAIN_TIMEOUT
+
+from .conftest import startDaemon
+from .fake_harness import pattern
+from .support import UnixClient, outputBytes, outputText, payload, pollUntil, processExists
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_recorded_exactly(daemon):
+    size = 200_000
+    session = await daemon.client.launch(daemon.project, f"burst {size}")
+
+    events = await daemon.client.waitForExit(session["id"])
+
+    recorded = outputBytes(events)
+    assert len(recorded) == size
+    assert recorded == pattern(size)
+
+
+@pytest_twisted.ensureDeferred
+async def test_launch_returns_running_record(daemon):
+    session = await daemon.client.launch(daemon.project, "print hi", title="My title")
+
+    assert session["status"] == "running"
+    assert session["harness"] == "fake"
+    assert session["title"] == "My title"
+    assert session["project_root"] == os.path.realpath(daemon.project)
+    assert session["exit_code"] is None
+    assert session["archived_at"] is None
+    assert session["created_at"].endswith("Z")
+
+
+@pytest_twisted.ensureDeferred
+async def test_exit_code_zero_completes(daemon):
+    session = await daemon.client.launch(daemon.project, "exit 0")
+
+    events = await daemon.client.waitForExit(session["id"])
+
+    assert payload(events[-1]) == {"exitCode": 0, "signal": None, "status": "completed"}
+    status, record = await daemon.client.get(f"/api/v1/sessions/{session['id']}")
+    assert record["status"] == "completed"
+    assert record["exit_code"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_exit_code_three_fails(daemon):
+    session = await daemon.client.launch(daemon.project, "exit 3")
+
+    events = await daemon.client.waitForExit(session["id"])
+
+    assert outputText(events) == "exiting 3\r\n"
+    assert payload(events[-1]) == {"exitCode": 3, "signal": None, "status": "failed"}
+    status, record = await daemon.client.get(f"/api/v1/sessions/{session['id']}")
+    assert record["status"] == "failed"
+    assert record["exit_code"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_echo_follows_input_event(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "echo")
+    await client.waitForOutput(session["id"], "ready")
+
+    status, body = await client.post(f"/api/v1/sessions/{session['id']}/input", {"data": "hello\n"})
+    assert status == 202
+    assert body == {"ok": True, "accepted": True}
+    await client.waitForOutput(session["id"], "got: hello")
+    await client.post(f"/api/v1/sessions/{session['id']}/input", {"data": "quit\n"})
+    events = await client.waitForExit(session["id"])
+
+    kinds = [event["kind"] for event in events]
+    inputIndex = kinds.index("input")
+    assert payload(events[inputIndex]) == {"data": "hello\n"}
+    assert "ready" in outputText(events[:inputIndex])
+    assert "got: hello" not in outputText(events[:inputIndex])
+    assert "got: hello" in outputText(events[inputIndex:])
+    assert [event["seq"] for event in events] == sorted(event["seq"] for event in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_ends_harness_ignoring_sigterm(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "ignore-term")
+    await client.waitForOutput(session["id"], "ready")
+    pid = daemon.service.sessions.liveSession(session["id"]).pid
+
+    started = time.monotonic()
+    status, body = await client.post(f"/api/v1/sessions/{session['id']}/kill")
+    assert status == 202
+    status, record = await client.get(f"/api/v1/sessions/{session['id']}")
+    assert record["status"] == "killed"
+    events = await client.waitForExit(session["id"])
+    elapsed = time.monotonic() - started
+
+    kill = next(event for event in events if event["kind"] == "kill")
+    assert payload(kill)["signal"] == "SIGTERM"
+    assert payload(events[-1]) == {"exitCode": None, "signal": "SIGKILL", "status": "killed"}
+    assert not processExists(pid)
+    # SIGKILL follows the 1 s grace period of the test daemon.
+    assert elapsed < daemon.service.sessions.killGrace + 5
+    status, record = await client.get(f"/api/v1/sessions/{session['id']}")
+    assert record["status"] == "killed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_twice_is_not_live(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "sleep")
+    await client.waitForOutput(session["id"], "ready")
+
+    first, _ = await client.post(f"/api/v1/sessions/{session['id']}/kill")
+    second, body = await client.post(f"/api/v1/sessions/{session['id']}/kill")
+
+    assert first == 202
+    assert second == 409
+    assert body["error"]["code"] == "session_not_live"
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_ends_grandchild(daemon):
+    client = daemon.client
+    pidFile = os.path.join(daemon.home, "pids")
+    session = await client.launch(daemon.project, f"grandchild {pidFile}")
+    await client.waitForOutput(session["id"], "ready")
+    with open(pidFile) as file:
+        harnessPid, grandchildPid = (int(value) for value in file.read().split())
+    assert processExists(grandchildPid)
+
+    status, _ = await client.post(f"/api/v1/sessions/{session['id']}/kill")
+    assert status == 202
+    await client.waitForExit(session["id"])
+
+    await pollUntil(lambda: not processExists(grandchildPid), timeout=10)
+    assert not processExists(harnessPid)
+    assert not processExists(grandchildPid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_executable_fails_spawn(daemon):
+    with open(os.path.join(daemon.home, "harnesses.toml"), "a") as file:
+        file.write('\n[harnesses.ghost]\ncommand = ["coven-test-no-such-executable"]\n')
+
+    status, body = await daemon.client.post(
+        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": "ghost", "prompt": "hi"}
+    )
+
+    assert status == 500
+    assert body["error"]["code"] == "pty_spawn_failed"
+    assert body["error"]["details"]["harness"] == "ghost"
+    sessionId = body["error"]["details"]["sessionId"]
+    status, record = await daemon.client.get(f"/api/v1/sessions/{sessionId}")
+    assert record["status"] == "failed"
+    events = await daemon.client.allEvents(sessionId)
+    assert [event["kind"] for event in events] == ["exit"]
+    assert "coven-test-no-such-executable" in payload(events[0])["reason"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cwd_dotdot_escape_rejected(daemon):
+    status, body = await daemon.client.post(
+        "/api/v1/sessions",
+        {"projectRoot": daemon.project, "cwd": "../", "harness": "fake", "prompt": "print x"},
+    )
+
+    assert status == 400
+    assert body["error"]["code"] == "project_root_violation"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cwd_symlink_escape_rejected(daemon):
+    outside = os.path.join(daemon.home, "outside")
+    os.makedirs(outside)
+    os.symlink(outside, os.path.join(daemon.project, "link"))
+
+    status, body = await daemon.client.post(
+        "/api/v1/sessions",
+        {"projectRoot": daemon.project, "cwd": "link", "harness": "fake", "prompt": "print x"},
+    )
+
+    assert status == 400
+    assert body["error"]["code"] == "project_root_violation"
+    assert body["error"]["details"]["resolvedCwd"] == os.path.realpath(outside)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cwd_inside_project_used(daemon):
+    inner = os.path.join(daemon.project, "src")
+    os.makedirs(inner)
+    session = await daemon.client.launch(daemon.project, "env TERM", cwd="src")
+
+    events = await daemon.client.waitForExit(session["id"])
+
+    assert session["cwd"] == os.path.realpath(inner)
+    assert f"cwd={os.path.realpath(inner)}" in outputText(events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_environment_and_window_size(daemon):
+    os.environ["CLAUDECODE"] = "1"
+    try:
+        session = await daemon.client.launch(
+            daemon.project, "env TERM COVEN_SESSION_ID CLAUDECODE", cols=132, rows=40
+        )
+    finally:
+        del os.environ["CLAUDECODE"]
+
+    text = outputText(await daemon.client.waitForExit(session["id"]))
+
+    assert "TERM=xterm-256color" in text
+    assert f"COVEN_SESSION_ID={session['id']}" in text
+    assert "CLAUDECODE=<unset>" in text
+    assert "size=132x40" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_split_utf8_character_kept_whole(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "split-utf8")
+    await client.waitForOutput(session["id"], "before ")
+
+    await client.post(f"/api/v1/sessions/{session['id']}/input", {"data": "go\n"})
+    events = await client.waitForExit(session["id"])
+
+    outputs = [payload(event) for event in events if event["kind"] == "output"]
+    assert "".join(output["data"] for output in outputs) == "before é after\r\n"
+    assert all("raw" not in output for output in outputs)
+    assert all("\ufffd" not in output["data"] for output in outputs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_utf8_keeps_raw_bytes(daemon):
+    data = b"ok \xff\xfe end \xc3\x28"
+    session = await daemon.client.launch(daemon.project, f"bytes {data.hex()}")
+
+    events = await daemon.client.waitForExit(session["id"])
+
+    outputs = [payload(event) for event in events if event["kind"] == "output"]
+    assert any("raw" in output for output in outputs)
+    assert "\ufffd" in "".join(output["data"] for output in outputs)
+    assert outputBytes(events) == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_five_megabytes_nothing_lost(daemon):
+    size = 5 * 1024 * 1024
+    session = await daemon.client.launch(daemon.project, f"burst {size}")
+
+    await daemon.client.waitForExit(session["id"], timeout=60)
+    events = await daemon.client.allEvents(session["id"])
+
+    recorded = outputBytes(events)
+    assert len(recorded) == size
+    assert recorded == pattern(size)
+    assert events[-1]["kind"] == "exit"
+    seqs = [event["seq"] for event in events]
+    assert seqs == sorted(set(seqs))
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_poll_woken_by_output(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "echo")
+    events = await client.waitForOutput(session["id"], "ready")
+    cursor = events[-1]["seq"]
+
+    started = time.monotonic()
+    poll = client.events(session["id"], cursor, waitMs=30_000)
+    await deferLater(reactor, 0.05, lambda: None)
+    await client.post(f"/api/v1/sessions/{session['id']}/input", {"data": "wake\n"})
+    page = await poll
+    elapsed = time.monotonic() - started
+
+    assert page["events"]
+    assert page["events"][0]["seq"] > cursor
+    assert elapsed < 10
+    await client.post(f"/api/v1/sessions/{session['id']}/kill")
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_poll_times_out_empty(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "sleep")
+    events = await client.waitForOutput(session["id"], "ready")
+
+    started = time.monotonic()
+    page = await client.events(session["id"], events[-1]["seq"], waitMs=200)
+    elapsed = time.monotonic() - started
+
+    assert page == {"events": [], "nextCursor": None, "hasMore": False}
+    assert elapsed >= 0.19
+    await client.post(f"/api/v1/sessions/{session['id']}/kill")
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminal_query_answered(daemon):
+    session = await daemon.client.launch(daemon.project, "query")
+
+    events = await daemon.client.waitForExit(session["id"])
+
+    text = outputText(events)
+    assert "reply: ESC[1;1R" in text
+    assert "\x1b[6n" not in text
+    assert "input" not in [event["kind"] for event in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_marks_running_orphaned(home):
+    project = os.path.join(home, "project")
+    os.makedirs(project)
+    covenHome = os.path.join(home, "coven")
+    service = await startDaemon(covenHome)
+    client = UnixClient(service.socketPath)
+    session = await client.launch(project, "sleep")
+    await client.waitForOutput(session["id"], "ready")
+    live = service.sessions.liveSession(session["id"])
+
+    # Simulate a crash: the daemon goes away without recording the end of its
+    # session, then a new daemon starts on the same home.
+    await service._port.stopListening()
+    service.store._writer.close()
+    service.store._reader.close()
+    os.close(service._lockFile)
+    service._lockFile = None
+    live.protocol.finished = True
+    os.killpg(live.pid, signal.SIGKILL)
+
+    restarted = await startDaemon(covenHome)
+    try:
+        client = UnixClient(restarted.socketPath)
+        status, record = await client.get(f"/api/v1/sessions/{session['id']}")
+        events = await client.allEvents(session["id"])
+        other = await client.launch(project, "print after")
+    finally:
+        await restarted.stopService()
+
+    assert record["status"] == "orphaned"
+    assert events[-1]["kind"] == "orphaned"
+    assert "restarted" in payload(events[-1])["reason"]
+    assert "ready" in outputText(events)
+    assert other["status"] == "running"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_kills_and_records_live_sessions(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "ignore-term")
+    await client.waitForOutput(session["id"], "ready")
+    pid = daemon.service.sessions.liveSession(session["id"]).pid
+
+    await daemon.service.stopService()
+
+    assert not processExists(pid)
+    assert not os.path.exists(daemon.service.daemonFile)
+    assert not os.path.exists(daemon.service.socketPath)
+    restarted = await startDaemon(daemon.home)
+    try:
+        client = UnixClient(restarted.socketPath)
+        status, record = await client.get(f"/api/v1/sessions/{session['id']}")
+        events = await client.allEvents(session["id"])
+    finally:
+        await restarted.stopService()
+    assert record["status"] == "killed"
+    assert [event["kind"] for event in events][-2:] == ["kill", "exit"]
+    assert payload(events[-2])["reason"] == "daemon stopping"
+
+
+@pytest_twisted.ensureDeferred
+async def test_exit_while_background_holds_pty(daemon):
+    # The harness exits at once but leaves a process holding the PTY open; the
+    # session must still end, and the leftover process must be ended too.
+    pidFile = os.path.join(daemon.home, "bg")
+    session = await daemon.client.launch(daemon.project, f"leave-behind {pidFile}")
+
+    started = time.monotonic()
+    events = await daemon.client.waitForExit(session["id"], timeout=15)
+    drained = time.monotonic() - started
+
+    assert "started" in outputText(events)
+    assert payload(events[-1])["status"] == "completed"
+    # The exit waited for the PTY drain, which the child's open PTY cut short.
+    assert drained >= DRAIN_TIMEOUT * 0.9
+    with open(pidFile) as file:
+        background = int(file.read())
+    await pollUntil(lambda: not processExists(background), timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sequence_continues_across_sessions(daemon):
+    first = await daemon.client.launch(daemon.project, "print one")
+    firstEvents = await daemon.client.waitForExit(first["id"])
+    second = await daemon.client.launch(daemon.project, "print two")
+    secondEvents = await daemon.client.waitForExit(second["id"])
+
+    assert secondEvents[0]["seq"] > firstEvents[-1]["seq"]

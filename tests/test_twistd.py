@@ -1,0 +1,240 @@
+"""The real `twistd coven` plugin in a subprocess, reached over its socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from .support import (
+    harnessConfig,
+    processExists,
+    requestBlocking,
+    sessionProcesses,
+    waitUntil,
+)
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def writeHarnesses(home: str) -> None:
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    with open(os.path.join(home, "harnesses.toml"), "w") as file:
+        file.write(harnessConfig())
+
+
+def readDaemonFile(home: str) -> dict:
+    with open(os.path.join(home, "daemon.json")) as file:
+        return json.load(file)
+
+
+def launch(socketPath: str, project: str, prompt: str) -> dict:
+    status, body = requestBlocking(
+        socketPath,
+        "POST",
+        "/api/v1/sessions",
+        {"projectRoot": project, "harness": "fake", "prompt": prompt},
+    )
+    assert status == 201, body
+    return body
+
+
+def outputSoFar(socketPath: str, sessionId: str) -> str:
+    status, page = requestBlocking(socketPath, "GET", f"/api/v1/events?sessionId={sessionId}")
+    return "".join(
+        json.loads(event["payload_json"]).get("data", "")
+        for event in page["events"]
+        if event["kind"] == "output"
+    )
+
+
+@pytest.fixture
+def foreground(home):
+    """
+    Start `twistd -n coven --home H` from a scratch folder, as a user would.
+    """
+    covenHome = os.path.join(home, "coven")
+    writeHarnesses(covenHome)
+    project = os.path.join(home, "project")
+    os.makedirs(project)
+    process = subprocess.Popen(
+        [TWISTD, "-n", "coven", "--home", covenHome, "--kill-grace", "1"],
+        cwd=home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    socketPath = os.path.join(covenHome, "coven.sock")
+    try:
+        waitUntil(lambda: os.path.exists(os.path.join(covenHome, "daemon.json")) or process.poll() is not None)
+        assert process.poll() is None, process.stdout.read().decode()
+        yield process, covenHome, socketPath, project
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=20)
+        process.stdout.close()
+
+
+def test_plugin_listed_by_twistd():
+    result = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0
+    assert any(line.split()[:1] == ["coven"] for line in result.stdout.splitlines())
+
+
+def test_foreground_serves_and_stops_cleanly(foreground):
+    process, home, socketPath, project = foreground
+
+    status, health = requestBlocking(socketPath, "GET", "/api/v1/health")
+    assert status == 200
+    assert health["apiVersion"] == "coven.daemon.v1"
+    assert health["daemon"]["pid"] == process.pid
+    assert health["daemon"]["socket"] == socketPath
+    assert readDaemonFile(home) == health["daemon"]
+
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(socketPath).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.join(home, "coven.sqlite3")).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.join(home, "daemon.json")).st_mode) == 0o600
+
+    pidFile = os.path.join(home, "pids")
+    stubborn = launch(socketPath, project, "ignore-term")
+    family = launch(socketPath, project, f"grandchild {pidFile}")
+    waitUntil(lambda: "ready" in outputSoFar(socketPath, stubborn["id"]))
+    waitUntil(lambda: "ready" in outputSoFar(socketPath, family["id"]))
+    harnessPids = sessionProcesses(stubborn["id"]) + sessionProcesses(family["id"])
+    assert len(harnessPids) == 3
+
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=20)
+
+    # twistd ends by re-raising the signal it stopped for, after a clean stop.
+    assert process.returncode == -signal.SIGTERM
+    assert re.search(rb"Coven daemon \d+ stopped", process.stdout.read())
+    assert [pid for pid in harnessPids if processExists(pid)] == []
+    assert not os.path.exists(os.path.join(home, "daemon.json"))
+    assert not os.path.exists(socketPath)
+
+
+def test_second_daemon_refused(foreground, home):
+    process, covenHome, socketPath, project = foreground
+
+    second = subprocess.run(
+        [TWISTD, "-n", "--pidfile", os.path.join(home, "second.pid"), "coven", "--home", covenHome],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert second.returncode == 1
+    assert f"Another Coven daemon is already serving {covenHome}" in second.stderr
+    assert f"pid {process.pid}" in second.stderr
+    status, health = requestBlocking(socketPath, "GET", "/api/v1/health")
+    assert status == 200
+    assert health["daemon"]["pid"] == process.pid
+
+
+def test_detached_with_pidfile(home):
+    covenHome = os.path.join(home, "coven")
+    writeHarnesses(covenHome)
+    pidFile = os.path.join(home, "coven.pid")
+    socketPath = os.path.join(covenHome, "coven.sock")
+
+    started = subprocess.run(
+        [TWISTD, "--pidfile", pidFile, "--logfile", os.path.join(home, "coven.log"), "coven", "--home", covenHome],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 0, started.stderr
+    waitUntil(lambda: os.path.exists(os.path.join(covenHome, "daemon.json")))
+    with open(pidFile) as file:
+        pid = int(file.read())
+    try:
+        status, health = requestBlocking(socketPath, "GET", "/api/v1/health")
+        assert status == 200
+        assert health["daemon"]["pid"] == pid
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        waitUntil(lambda: not processExists(pid), timeout=20)
+
+    assert not os.path.exists(pidFile)
+    assert not os.path.exists(os.path.join(covenHome, "daemon.json"))
+
+
+def test_stale_socket_replaced(home):
+    covenHome = os.path.join(home, "coven")
+    writeHarnesses(covenHome)
+    socketPath = os.path.join(covenHome, "coven.sock")
+    # A socket file left behind by a daemon that died without cleaning up.
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(socketPath)
+    leftover.close()
+
+    process = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome],
+        cwd=home,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        waitUntil(lambda: os.path.exists(os.path.join(covenHome, "daemon.json")) or process.poll() is not None)
+        status, health = requestBlocking(socketPath, "GET", "/api/v1/health")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+
+    assert status == 200
+    assert health["daemon"]["pid"] == process.pid
+
+
+def freeLoopbackPort() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_listen_endpoint_option(home, kind):
+    covenHome = os.path.join(home, "coven")
+    writeHarnesses(covenHome)
+    if kind == "unix":
+        otherSocket = os.path.join(home, "other.sock")
+        listen = f"unix:{otherSocket}:mode=600"
+    else:
+        port = freeLoopbackPort()
+        listen = f"tcp:{port}:interface=127.0.0.1"
+
+    process = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome, "--listen", listen],
+        cwd=home,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        waitUntil(lambda: os.path.exists(os.path.join(covenHome, "daemon.json")) or process.poll() is not None)
+        if kind == "unix":
+            status, health = requestBlocking(otherSocket, "GET", "/api/v1/health")
+        else:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/api/v1/health")
+            response = connection.getresponse()
+            status, health = response.status, json.loads(response.read())
+            connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+
+    assert status == 200
+    assert health["daemon"]["socket"] == listen
+    assert not os.path.exists(os.path.join(covenHome, "coven.sock"))
