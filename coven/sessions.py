@@ -39,7 +39,8 @@ TITLE_LENGTH = 80
 # Seconds between SIGTERM and SIGKILL when a session is killed.
 DEFAULT_KILL_GRACE = 3.0
 # Seconds the daemon keeps reading a PTY after its harness exited, for output a
-# background process still writes; the PTY may never close if one holds it open.
+# background process still writes. The PTY stays open as long as such a process
+# has it open, which may be for ever.
 DRAIN_TIMEOUT = 1.0
 # Variables that tell a harness it runs inside another agent session.
 NESTING_VARIABLES = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
@@ -267,7 +268,8 @@ class SessionManager(Service):
 
         @return: the new session, committed, with status C{running}.
         @raise PtySpawnFailed: the executable is missing or could not start; the
-            session is then recorded as C{failed} with an C{exit} event that says why.
+            session is then recorded as C{failed} with an C{exit} event whose
+            C{reason} names the cause.
         """
         if self._stopping or not self.running:
             raise RuntimeUnavailable("The daemon is stopping and launches no new sessions.")
@@ -366,8 +368,8 @@ class SessionManager(Service):
         request: LaunchRequest,
         environment: dict[str, str],
     ) -> LiveSession:
-        # The window size is set on the PTY before the fork, so the harness never
-        # sees a 0x0 terminal.
+        # The window size is set on the PTY before the fork, so the harness starts
+        # with it and never reads a 0x0 terminal size.
         master, slave = os.openpty()
         try:
             setWindowSize(master, request.cols, request.rows)
@@ -548,8 +550,8 @@ class SessionManager(Service):
         if live.finalized:
             return
         if self._store.producersPaused:
-            # The PTY is paused because the store is behind; what it still
-            # holds is output the harness wrote before exiting, so wait.
+            # The PTY is paused because the store is behind. Its buffer
+            # contains output the harness wrote before exiting, so wait.
             live.drainCall = self._reactor.callLater(DRAIN_TIMEOUT / 10, self._drainTimedOut, live)
             return
         self._finalize(live)

@@ -28,8 +28,8 @@ SESSION_COLUMNS = (
 )
 EVENT_COLUMNS = "seq, id, session_id, kind, payload_json, created_at"
 
-# Each entry upgrades the schema from its index to index + 1; PRAGMA user_version
-# holds the number of entries applied.
+# Each entry upgrades the schema from its index to index + 1. PRAGMA user_version
+# stores the number of entries applied.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """
@@ -161,7 +161,7 @@ def openDatabase(path: str) -> list[str]:
     plain connection instead of the pool.
 
     @return: the ids of the sessions marked C{orphaned}.
-    @raise StoreSchemaError: the file has a newer schema than this daemon knows.
+    @raise StoreSchemaError: the file has a newer schema than this daemon supports.
     """
     if not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -243,8 +243,8 @@ class Store(Service):
 
     Writes go through one ordered queue served by a single-connection pool, so the
     order in which the daemon queues events is their C{seq} order. Reads use a
-    second pool; in WAL mode they see every committed write and never wait for
-    the writer.
+    second pool. In WAL mode they see every committed write and do not wait for
+    the writer's transactions.
     """
 
     def __init__(

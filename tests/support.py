@@ -55,7 +55,9 @@ class UnixClient:
     async def request(
         self, method: str, path: str, body: Any = None, raw: bytes | None = None
     ) -> tuple[int, Any]:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        data = raw
+        if data is None and body is not None:
+            data = json.dumps(body).encode()
         headers = {b"Content-Type": [b"application/json"]} if data is not None else None
         response = await self._http.request(
             method, "http://coven" + path, data=data, headers=headers

@@ -378,8 +378,8 @@ async def test_stop_kills_and_records_live_sessions(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_exit_while_background_holds_pty(daemon):
-    # The harness exits at once but leaves a process holding the PTY open; the
-    # session must still end, and the leftover process must be ended too.
+    # The harness exits at once but leaves a process with the PTY open. The
+    # session must still end, and the daemon must end the leftover process.
     pidFile = os.path.join(daemon.home, "bg")
     session = await daemon.client.launch(daemon.project, f"leave-behind {pidFile}")
 
