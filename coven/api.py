@@ -36,7 +36,11 @@ DEFAULT_EVENT_LIMIT = 1000
 MAX_EVENT_LIMIT = 1000
 MAX_WAIT_MS = 60_000
 MAX_JSON_DEPTH = 64
-NON_NEGATIVE_INTEGER = re.compile(r"^[0-9]{1,18}$")
+# Query integers are decimal digits only; more digits than this are not parsed,
+# so a huge value costs nothing (Python refuses over 4300 digits anyway).
+NON_NEGATIVE_INTEGER = re.compile(r"^[0-9]{1,1000}$")
+# The largest seq SQLite can store; a larger afterSeq finds nothing after it.
+MAX_SEQ = 2**63 - 1
 
 
 def jsonBytes(value: Any) -> bytes:
@@ -114,6 +118,17 @@ def parseJSONObject(body: bytes) -> dict[str, Any]:
     return value
 
 
+def isJSONContentType(value: bytes) -> bool:
+    """
+    Return whether a Content-Type header names JSON: C{application/json} or a
+    C{+json} type, with any parameters.
+    """
+    mediaType = value.split(b";", 1)[0].strip().lower()
+    return mediaType == b"application/json" or (
+        mediaType.startswith(b"application/") and mediaType.endswith(b"+json")
+    )
+
+
 def _field(
     body: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool, what: str
 ) -> Any:
@@ -144,7 +159,7 @@ def _terminalSize(body: dict[str, Any], name: str, default: int | None) -> int |
 def _rejectNul(value: str, name: str) -> None:
     if "\x00" in value:
         raise InvalidRequest(
-            f"Field {name} contains a NUL character, which cannot be passed to a harness.",
+            f"Field {name} contains a NUL character, which Coven does not pass to a harness.",
             field=name,
         )
 
@@ -236,6 +251,14 @@ class CovenAPI:
         return self._json(request, CovenError().envelope(), 500)
 
     def _body(self, request: IRequest) -> dict[str, Any]:
+        contentType = request.getHeader(b"content-type")
+        if contentType is not None and not isJSONContentType(contentType):
+            shown = contentType.decode("latin-1")
+            raise InvalidRequest(
+                f"Content-Type must be application/json, got {shown}; with curl -d, pass"
+                " -H 'Content-Type: application/json'.",
+                contentType=shown,
+            )
         request.content.seek(0)
         return parseJSONObject(request.content.read(MAX_BODY_BYTES + 1))
 
@@ -409,6 +432,7 @@ class CovenAPI:
         data = _field(body, "data", str, True, "a non-empty string")
         if not data:
             raise InvalidRequest("Field data must be a non-empty string.", field="data")
+        _rejectNul(data, "data")
         await self.sessions.sendInput(sessionId, data)
         return self._json(request, {"ok": True, "accepted": True}, 202)
 
@@ -455,6 +479,8 @@ class CovenAPI:
         if not sessionId:
             raise InvalidRequest("Query parameter sessionId is required.", field="sessionId")
         afterSeq = _integerArgument(request, "afterSeq", 0, None)
+        if afterSeq is not None:
+            afterSeq = min(afterSeq, MAX_SEQ)
         limit = _integerArgument(request, "limit", 1, None)
         limit = DEFAULT_EVENT_LIMIT if limit is None else min(limit, MAX_EVENT_LIMIT)
         waitMs = _integerArgument(request, "waitMs", 0, MAX_WAIT_MS) or 0
@@ -489,6 +515,7 @@ class CovenAPI:
         finally:
             if wakeUp is not None:
                 wakeUp.cancel()
+                wakeUp.addErrback(lambda failure: failure.trap(defer.CancelledError))
         return self._json(request, page.toJSON())
 
     async def _waitFor(self, wakeUp: defer.Deferred[None], seconds: float) -> None:

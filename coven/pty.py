@@ -1,4 +1,4 @@
-"""Per-session ProcessProtocol: answer terminal queries, decode UTF-8, queue output events."""
+"""Per-session ProcessProtocol: answer terminal queries, redact, decode UTF-8, queue output events."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
+
+from coven.redact import StreamRedactor
 
 if TYPE_CHECKING:
     from coven.store import Store
@@ -25,8 +27,9 @@ QUERY = re.compile(rb"\x1b\[(?:6n|5n|0?c)")
 # Proper prefixes of a query, held back at the end of a read until the next read
 # tells whether they start a query.
 QUERY_PREFIXES = frozenset({b"\x1b", b"\x1b[", b"\x1b[0", b"\x1b[5", b"\x1b[6"})
-# Seconds a held-back prefix waits for the next read before it is recorded as is.
-QUERY_TAIL_TIMEOUT = 0.05
+# Seconds a held-back tail (a partial query, or a partial secret for the
+# redactor) waits for the next read before it is recorded as it is.
+TAIL_TIMEOUT = 0.02
 
 
 class TerminalQueryFilter:
@@ -120,7 +123,11 @@ class HarnessProtocol(ProcessProtocol):
         reactor: IReactorTime,
         onExited: Callable[[Failure], None],
         onEnded: Callable[[], None],
+        redact: bool = True,
     ) -> None:
+        """
+        @param redact: replace secret-shaped tokens before output is queued.
+        """
         self.sessionId = sessionId
         self._store = store
         self._reactor = reactor
@@ -128,6 +135,7 @@ class HarnessProtocol(ProcessProtocol):
         self._onEnded = onEnded
         self._queries = TerminalQueryFilter()
         self._decoder = OutputDecoder()
+        self._redactor = StreamRedactor() if redact else None
         self._tailCall: Any = None
         self.finished = False
         self.ptyClosed = False
@@ -143,6 +151,8 @@ class HarnessProtocol(ProcessProtocol):
         output, replies = self._queries.feed(data)
         for reply in replies:
             self.transport.write(reply)
+        if output and self._redactor is not None:
+            output = self._redactor.feed(output)
         if output:
             self._record(output)
         self._scheduleTailFlush()
@@ -156,13 +166,21 @@ class HarnessProtocol(ProcessProtocol):
         if self._tailCall is not None and self._tailCall.active():
             self._tailCall.cancel()
         self._tailCall = None
-        if self._queries.holding:
-            self._tailCall = self._reactor.callLater(QUERY_TAIL_TIMEOUT, self._flushTail)
+        if self._queries.holding or (self._redactor is not None and self._redactor.holding):
+            self._tailCall = self._reactor.callLater(TAIL_TIMEOUT, self._flushTail)
+
+    def _drainFilters(self, final: bool) -> bytes:
+        tail = self._queries.flush()
+        if self._redactor is not None:
+            tail = self._redactor.feed(tail) + self._redactor.flush(final)
+        return tail
 
     def _flushTail(self) -> None:
         self._tailCall = None
-        tail = self._queries.flush()
-        if tail and not self.finished:
+        if self.finished:
+            return
+        tail = self._drainFilters(final=False)
+        if tail:
             self._record(tail)
 
     def finishOutput(self) -> None:
@@ -174,7 +192,7 @@ class HarnessProtocol(ProcessProtocol):
             return
         if self._tailCall is not None and self._tailCall.active():
             self._tailCall.cancel()
-        self._record(self._queries.flush(), final=True)
+        self._record(self._drainFilters(final=True), final=True)
         self.finished = True
         self._store.unregisterProducer(self.transport)
 

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import fcntl
-import io
 import json
 import os
 import sys
+import tomllib
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.server import Request, Site
 
-from coven.api import MAX_BODY_BYTES, CovenAPI, jsonBytes
-from coven.errors import InvalidRequest
+from coven.api import CovenAPI
 from coven.harnesses import HarnessRegistry
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager
 from coven.store import Store, StoreSchemaError
+from coven.web import CovenSite
 
 log = Logger()
 
@@ -32,70 +32,44 @@ def defaultHome() -> str:
     return os.environ.get("COVEN_HOME") or os.path.join(os.path.expanduser("~"), ".coven")
 
 
+@attrs.frozen
+class Settings:
+    """
+    Daemon settings from C{<home>/coven.toml}.
+
+    @ivar redact: replace secret-shaped tokens in output and input before they
+        are stored; on unless C{[redaction] enabled = false}.
+    @ivar error: why the file could not be used, if it could not.
+    """
+
+    redact: bool = True
+    error: str | None = None
+
+
+def loadSettings(path: str) -> Settings:
+    """
+    Read C{coven.toml}; a missing file gives the defaults, and an invalid one
+    the defaults with L{Settings.error} set.
+    """
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        return Settings(error=f"{path}: cannot be used: {error}")
+
+    redaction = document.get("redaction", {})
+    enabled = redaction.get("enabled", True) if isinstance(redaction, dict) else None
+    if not isinstance(enabled, bool):
+        return Settings(error=f"{path}: [redaction] enabled must be true or false")
+    return Settings(redact=enabled)
+
+
 class HomeInUse(Exception):
     """
     Another daemon holds the home folder's lock.
     """
-
-
-class CovenRequest(Request):
-    """
-    A request that stops taking its body once it passes L{MAX_BODY_BYTES}: it
-    answers 400 at once and closes the connection instead of reading the rest.
-    """
-
-    _bodyBytes = 0
-    _rejected = False
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > MAX_BODY_BYTES:
-            self._rejectBody()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._rejected:
-            return
-        self._bodyBytes += len(data)
-        if self._bodyBytes > MAX_BODY_BYTES:
-            self._rejectBody()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._rejected:
-            return
-        super().requestReceived(command, path, version)
-
-    def _rejectBody(self) -> None:
-        self._rejected = True
-        self.content = io.BytesIO()
-        error = InvalidRequest(
-            f"Request body is larger than {MAX_BODY_BYTES} bytes.", maxBytes=MAX_BODY_BYTES
-        )
-        body = jsonBytes(error.envelope())
-        head = (
-            b"HTTP/1.1 400 Bad Request\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
-            b"Connection: close\r\n\r\n"
-        )
-        transport = self.channel.transport
-        transport.write(head + body)
-        transport.loseConnection()
-
-
-class CovenSite(Site):
-    """
-    The HTTP site, without an access log: request lines carry session ids at a
-    rate that would drown the daemon's own log.
-    """
-
-    requestFactory = CovenRequest
-    displayTracebacks = False
-
-    def log(self, request: Request) -> None:
-        pass
 
 
 class CovenService(MultiService):
@@ -131,7 +105,12 @@ class CovenService(MultiService):
         self.store = Store(os.path.join(home, "coven.sqlite3"), reactor)
         self.store.setServiceParent(self)
         self.harnesses = HarnessRegistry(os.path.join(home, "harnesses.toml"))
-        self.sessions = SessionManager(self.store, self.harnesses, reactor, killGrace=killGrace)
+        self.settings = loadSettings(os.path.join(home, "coven.toml"))
+        if self.settings.error is not None:
+            log.error("Using default settings: {error}", error=self.settings.error)
+        self.sessions = SessionManager(
+            self.store, self.harnesses, reactor, killGrace=killGrace, redact=self.settings.redact
+        )
         self.sessions.setServiceParent(self)
         self.api = CovenAPI(self.store, self.sessions, reactor, self.daemonInfo)
         self.site = CovenSite(self.api.resource())

@@ -28,6 +28,7 @@ from coven.errors import (
 from coven.harnesses import HarnessRegistry, HarnessSpec
 from coven.pty import HarnessProtocol
 from coven.records import SessionRecord, utcnow
+from coven.redact import redactBytes
 from coven.store import Store
 
 log = Logger()
@@ -229,11 +230,14 @@ class SessionManager(Service):
         killGrace: float = DEFAULT_KILL_GRACE,
         environ: Mapping[str, str] | None = None,
         signaller: Callable[[int, str, int], bool] = signalSession,
+        redact: bool = True,
     ) -> None:
         """
         @param signaller: sends a signal to a session's processes; see
             L{signalSession}, which is the default.
+        @param redact: replace secret-shaped tokens in output and input events.
         """
+        self.redact = redact
         self._store = store
         self._signal = signaller
         self.harnesses = harnesses
@@ -386,6 +390,7 @@ class SessionManager(Service):
             self._reactor,
             onExited=lambda reason: self._processExited(holder["live"], reason),
             onEnded=lambda: self._processEnded(holder["live"]),
+            redact=self.redact,
         )
         try:
             transport = self._reactor.spawnProcess(
@@ -435,8 +440,11 @@ class SessionManager(Service):
         live = await self._lookup(sessionId)
         if not live.acceptsInput:
             raise SessionNotLive(sessionId=sessionId)
-        self._store.appendEvent(sessionId, "input", {"data": data})
-        live.transport.write(data.encode("utf-8"))
+        encoded = data.encode("utf-8")
+        # The harness gets the input as it is; only the stored event is redacted.
+        recorded = redactBytes(encoded).decode("utf-8") if self.redact else data
+        self._store.appendEvent(sessionId, "input", {"data": recorded})
+        live.transport.write(encoded)
 
     async def resize(self, sessionId: str, cols: int, rows: int) -> None:
         """

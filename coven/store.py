@@ -72,8 +72,10 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 # reading resumes once the queue is back under LOW_WATER.
 HIGH_WATER_BYTES = 16 * 1024 * 1024
 LOW_WATER_BYTES = 4 * 1024 * 1024
-# Seconds before a failed write transaction is tried again.
-RETRY_DELAY = 1.0
+# Seconds before a failed write transaction is tried again; the delay doubles
+# with each failure in a row, up to MAX_RETRY_DELAY.
+RETRY_DELAY = 0.25
+MAX_RETRY_DELAY = 2.0
 
 
 class StoreSchemaError(Exception):
@@ -494,7 +496,7 @@ class Store(Service):
         self._queue.extendleft(reversed(batch))
         self._updatePressure()
         self._flushCall = self._reactor.callLater(self._retryDelay, self._flush)
-        self._retryDelay = min(self._retryDelay * 2, 10.0)
+        self._retryDelay = min(self._retryDelay * 2, MAX_RETRY_DELAY)
 
     def flush(self) -> defer.Deferred[None]:
         """

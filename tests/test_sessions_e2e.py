@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -9,6 +10,7 @@ import time
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, globalLogPublisher
 
 from coven.sessions import DRAIN_TIMEOUT
 
@@ -404,3 +406,45 @@ async def test_sequence_continues_across_sessions(daemon):
     secondEvents = await daemon.client.waitForExit(second["id"])
 
     assert secondEvents[0]["seq"] > firstEvents[-1]["seq"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_poll_with_events_ready(daemon):
+    # A long poll that finds events at once answers at once, and its unused
+    # wake-up leaves no unhandled error behind.
+    events = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        session = await daemon.client.launch(daemon.project, "print ready")
+        await daemon.client.waitForExit(session["id"])
+        page = await daemon.client.events(session["id"], 0, waitMs=30_000)
+        status, missing = await daemon.client.get("/api/v1/events?sessionId=nope&waitMs=5000")
+        # Unhandled Deferred failures are reported when they are collected.
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+    assert [event["kind"] for event in page["events"]] == ["output", "exit"]
+    assert status == 404
+    assert missing["error"]["code"] == "session_not_found"
+    critical = [event for event in events if event.get("log_level") == LogLevel.critical]
+    assert critical == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_huge_limit_clamped(daemon):
+    session = await daemon.client.launch(daemon.project, "print x")
+    await daemon.client.waitForExit(session["id"])
+
+    status, page = await daemon.client.get(
+        f"/api/v1/events?sessionId={session['id']}&limit=99999999999999999999999&afterSeq=0"
+    )
+    farStatus, far = await daemon.client.get(
+        f"/api/v1/events?sessionId={session['id']}&afterSeq=99999999999999999999999"
+    )
+
+    assert status == 200
+    assert len(page["events"]) == 2
+    assert farStatus == 200
+    assert far["events"] == []

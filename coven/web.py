@@ -1,0 +1,157 @@
+"""HTTP plumbing under the routes: body and URL limits, bad-request envelopes, peer checks."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from coven.api import MAX_BODY_BYTES, jsonBytes
+from coven.errors import CovenError, InvalidRequest
+
+log = Logger()
+
+
+def _rawResponse(status: bytes, error: CovenError) -> bytes:
+    """
+    Build a complete HTTP response carrying C{error}'s envelope, for answers
+    given before a request object exists or while its body is still arriving.
+    """
+    body = jsonBytes(error.envelope())
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
+        b"Connection: close\r\n\r\n" + body
+    )
+
+
+class CovenRequest(Request):
+    """
+    A request that stops taking its body once it passes L{MAX_BODY_BYTES}: it
+    answers 400 at once and closes the connection instead of reading the rest.
+    """
+
+    _bodyBytes = 0
+    _rejected = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY_BYTES:
+            self._rejectBody()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._bodyBytes += len(data)
+        if self._bodyBytes > MAX_BODY_BYTES:
+            self._rejectBody()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+    def _rejectBody(self) -> None:
+        self._rejected = True
+        self.content = io.BytesIO()
+        error = InvalidRequest(
+            f"Request body is larger than {MAX_BODY_BYTES} bytes.", maxBytes=MAX_BODY_BYTES
+        )
+        transport = self.channel.transport
+        transport.write(_rawResponse(b"400 Bad Request", error))
+        transport.loseConnection()
+
+
+class CovenChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that serves only the daemon's own user and answers
+    malformed requests (request lines or headers over Twisted's limits, bad
+    framing) with the error envelope.
+    """
+
+    def connectionMade(self) -> None:
+        peerUid = _peerUid(self.transport)
+        if peerUid is not None and peerUid != os.getuid():
+            log.warn(
+                "Closed a connection from uid {peerUid}; only uid {uid} may use this daemon",
+                peerUid=peerUid,
+                uid=os.getuid(),
+            )
+            self.transport.abortConnection()
+            return
+        super().connectionMade()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        error = InvalidRequest(
+            "Malformed HTTP request: the request line or headers are invalid or too large."
+        )
+        self.transport.write(_rawResponse(b"400 Bad Request", error))
+        self.loseConnection()
+
+
+def _peerUid(transport: Any) -> int | None:
+    """
+    Return the uid of the process at the other end of a Unix socket, or C{None}
+    for other transports.
+    """
+    try:
+        handle = transport.getHandle()
+    except AttributeError:
+        return None
+    if not isinstance(handle, socket.socket) or handle.family != socket.AF_UNIX:
+        return None
+    credentials = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return uid
+
+
+class _URLCheck(Resource):
+    """
+    Reject paths whose percent-escapes are not UTF-8 with the error envelope
+    before Klein, which would answer them in plain text.
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request: Request) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            error = InvalidRequest("Request path is not valid UTF-8 after percent-decoding.")
+            request.setResponseCode(error.status)
+            request.setHeader(b"Content-Type", b"application/json")
+            return jsonBytes(error.envelope())
+        return self._wrapped.render(request)
+
+
+class CovenSite(Site):
+    """
+    The HTTP site, without an access log: request lines carry session ids at a
+    rate that would drown the daemon's own log.
+    """
+
+    protocol = CovenChannel
+    requestFactory = CovenRequest
+    displayTracebacks = False
+
+    def __init__(self, resource: Resource, **kwargs: Any) -> None:
+        super().__init__(_URLCheck(resource), **kwargs)
+
+    def log(self, request: Request) -> None:
+        pass
