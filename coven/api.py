@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Callable
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
 from coven import __version__
@@ -115,6 +117,15 @@ def parseJSONObject(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(
             f"Request body must be a JSON object, got a JSON {type(value).__name__}."
         )
+    try:
+        # An escape such as "\ud800" is valid JSON but no character, so it can
+        # be neither written to a PTY nor stored.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(
+            "Request body contains an unpaired surrogate escape"
+            f" ({error.object[error.start]!r}); send whole characters."
+        ) from None
     return value
 
 
@@ -195,6 +206,33 @@ def _integerArgument(request: IRequest, name: str, minimum: int, maximum: int | 
     return value
 
 
+class _UTF8PathResource(Resource):
+    """
+    Reject a path that is not UTF-8 once percent-decoded with the error
+    envelope, because Klein responds to it with a text/html 400 before any
+    error handler runs.
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: Any) -> None:
+        super().__init__()
+        self._routes = routes
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            error = InvalidRequest(
+                "Request path is not valid UTF-8 after percent-decoding.",
+                path=request.path.decode("latin-1"),
+            )
+            request.setResponseCode(error.status)
+            request.setHeader(b"Content-Type", b"application/json")
+            return jsonBytes(error.envelope())
+        return self._routes.render(request)
+
+
 class CovenAPI:
     """
     The HTTP face of the daemon: each route turns a request into a call on the
@@ -216,7 +254,7 @@ class CovenAPI:
         self._daemonInfo = daemonInfo
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _UTF8PathResource(self.app.resource())
 
     # Responses
 

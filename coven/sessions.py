@@ -277,6 +277,11 @@ class SessionManager(Service):
         """
         if self._stopping or not self.running:
             raise RuntimeUnavailable("The daemon is stopping and launches no new sessions.")
+        if not self._store.writable:
+            raise RuntimeUnavailable(
+                "The session store cannot write right now (is the disk full?); no session"
+                " is launched until it can. Reads and live sessions go on."
+            )
 
         harness = self.harnesses.get(request.harness)
         if harness is None:

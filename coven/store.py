@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 
-from coven.errors import RuntimeUnavailable
+from coven.errors import InternalError, RuntimeUnavailable
 from coven.records import Event, EventPage, SessionRecord, utcnow
 
 log = Logger()
@@ -274,11 +274,15 @@ class Store(Service):
         self._idleWaiters: list[defer.Deferred[None]] = []
 
         self.pendingBytes = 0
+        self.highWater = HIGH_WATER_BYTES
+        self.lowWater = LOW_WATER_BYTES
         self._producers: set[IPushProducer] = set()
         self._producersPaused = False
 
         self._eventWaiters: dict[str, list[defer.Deferred[None]]] = {}
         self.writeFailures = 0
+        self._failureStreak = 0
+        self.writable = True
 
     # Service lifecycle
 
@@ -332,7 +336,7 @@ class Store(Service):
         self._producers.discard(producer)
 
     def _updatePressure(self) -> None:
-        if not self._producersPaused and self.pendingBytes > HIGH_WATER_BYTES:
+        if not self._producersPaused and self.pendingBytes > self.highWater:
             self._producersPaused = True
             log.info(
                 "Write queue holds {pendingBytes} bytes; pausing {count} PTYs",
@@ -341,7 +345,7 @@ class Store(Service):
             )
             for producer in list(self._producers):
                 producer.pauseProducing()
-        elif self._producersPaused and self.pendingBytes < LOW_WATER_BYTES:
+        elif self._producersPaused and self.pendingBytes < self.lowWater:
             self._producersPaused = False
             for producer in list(self._producers):
                 producer.resumeProducing()
@@ -453,8 +457,24 @@ class Store(Service):
             errbackArgs=(batch,),
         )
 
-    def _batchCommitted(self, _: object, batch: list[_Op]) -> None:
+    def _batchCommitted(self, skipped: list[tuple[_Op, str]], batch: list[_Op]) -> None:
         self._inFlight = False
+        for op, reason in skipped:
+            sessionId = getattr(op, "sessionId", None)
+            log.error(
+                "Dropped a record of session {sessionId} that cannot be stored: {reason}",
+                sessionId=sessionId,
+                reason=reason,
+            )
+            for waiter in op.waiters:
+                waiter.errback(InternalError("A record could not be stored.", sessionId=sessionId))
+            op.waiters.clear()
+        if not self.writable:
+            log.info(
+                "The store writes again after {tries} failed tries", tries=self._failureStreak
+            )
+        self.writable = True
+        self._failureStreak = 0
         self._retryDelay = RETRY_DELAY
         woken: set[str] = set()
         for op in batch:
@@ -480,13 +500,24 @@ class Store(Service):
 
     def _batchFailed(self, failure: Any, batch: list[_Op]) -> None:
         self._inFlight = False
+        self.writable = False
         self.writeFailures += 1
-        log.failure(
-            "Write of {count} queued records failed; retrying in {delay}s",
-            failure,
-            count=len(batch),
-            delay=self._retryDelay,
-        )
+        self._failureStreak += 1
+        # The first failure is logged with its cause; a streak is logged every
+        # tenth try so a full disk does not flood the log.
+        if self._failureStreak == 1:
+            log.failure(
+                "Write of {count} queued records failed; retrying in {delay}s",
+                failure,
+                count=len(batch),
+                delay=self._retryDelay,
+            )
+        elif self._failureStreak % 10 == 0:
+            log.warn(
+                "Writes still failing after {tries} tries: {error}",
+                tries=self._failureStreak,
+                error=failure.getErrorMessage(),
+            )
         # The batch goes back to the front of the queue unchanged, so nothing is
         # lost and the order is kept; callers waiting on it learn of the failure.
         for op in batch:
@@ -611,34 +642,68 @@ class Store(Service):
                 waiter.callback(None)
 
 
-def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> None:
+def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str]]:
     """
     Write C{batch} in one transaction, in queue order, in the writer thread.
+
+    A failure of the database itself (disk full, I/O error, lock) is raised so
+    the whole batch is tried again later. A record that can never be written,
+    such as one SQLite cannot encode, would block the queue for ever, so the
+    batch is then written one record at a time and only such records are left
+    out.
+
+    @return: the records left out, each with the reason.
     """
     cursor.execute("BEGIN IMMEDIATE")
     try:
-        eventRows: list[tuple[str, str, str, str, str]] = []
+        _writeOps(cursor, batch)
+        cursor.execute("COMMIT")
+        return []
+    except sqlite3.OperationalError:
+        cursor.execute("ROLLBACK")
+        raise
+    except Exception:
+        cursor.execute("ROLLBACK")
+
+    skipped: list[tuple[_Op, str]] = []
+    cursor.execute("BEGIN IMMEDIATE")
+    try:
         for op in batch:
-            if isinstance(op, _Write):
-                # Keep the order of session writes relative to events.
-                if eventRows:
-                    _insertEvents(cursor, eventRows)
-                    eventRows = []
-                cursor.execute(op.sql, op.params)
-            elif isinstance(op, _OutputWrite):
-                eventRows.append(
-                    (op.id, op.sessionId, "output", _encodePayload(op.payload()), op.createdAt)
-                )
-            else:
-                eventRows.append(
-                    (op.id, op.sessionId, op.kind, _encodePayload(op.payload), op.createdAt)
-                )
-        if eventRows:
-            _insertEvents(cursor, eventRows)
+            cursor.execute("SAVEPOINT record")
+            try:
+                _writeOps(cursor, [op])
+            except sqlite3.OperationalError:
+                raise
+            except Exception as error:
+                cursor.execute("ROLLBACK TO record")
+                skipped.append((op, f"{type(error).__name__}: {error}"))
+            cursor.execute("RELEASE record")
         cursor.execute("COMMIT")
     except BaseException:
         cursor.execute("ROLLBACK")
         raise
+    return skipped
+
+
+def _writeOps(cursor: sqlite3.Cursor, batch: list[_Op]) -> None:
+    eventRows: list[tuple[str, str, str, str, str]] = []
+    for op in batch:
+        if isinstance(op, _Write):
+            # Keep the order of session writes relative to events.
+            if eventRows:
+                _insertEvents(cursor, eventRows)
+                eventRows = []
+            cursor.execute(op.sql, op.params)
+        elif isinstance(op, _OutputWrite):
+            eventRows.append(
+                (op.id, op.sessionId, "output", _encodePayload(op.payload()), op.createdAt)
+            )
+        else:
+            eventRows.append(
+                (op.id, op.sessionId, op.kind, _encodePayload(op.payload), op.createdAt)
+            )
+    if eventRows:
+        _insertEvents(cursor, eventRows)
 
 
 def _encodePayload(payload: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ import os
 import socket
 import struct
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
@@ -22,8 +21,8 @@ log = Logger()
 
 def _rawResponse(status: bytes, error: CovenError) -> bytes:
     """
-    Build a complete HTTP response carrying C{error}'s envelope, for answers
-    given before a request object exists or while its body is still arriving.
+    Build a complete HTTP response carrying C{error}'s envelope, for responses
+    sent before a request object exists or while its body is still arriving.
     """
     body = jsonBytes(error.envelope())
     return (
@@ -37,7 +36,7 @@ def _rawResponse(status: bytes, error: CovenError) -> bytes:
 class CovenRequest(Request):
     """
     A request that stops taking its body once it passes L{MAX_BODY_BYTES}: it
-    answers 400 at once and closes the connection instead of reading the rest.
+    responds 400 at once and closes the connection instead of reading the rest.
     """
 
     _bodyBytes = 0
@@ -76,7 +75,7 @@ class CovenRequest(Request):
 
 class CovenChannel(HTTPChannel):
     """
-    An HTTP/1.1 connection that serves only the daemon's own user and answers
+    An HTTP/1.1 connection that serves only the daemon's own user and rejects
     malformed requests (request lines or headers over Twisted's limits, bad
     framing) with the error envelope.
     """
@@ -117,29 +116,6 @@ def _peerUid(transport: Any) -> int | None:
     return uid
 
 
-class _URLCheck(Resource):
-    """
-    Reject paths whose percent-escapes are not UTF-8 with the error envelope
-    before Klein, which would answer them in plain text.
-    """
-
-    isLeaf = True
-
-    def __init__(self, wrapped: Resource) -> None:
-        super().__init__()
-        self._wrapped = wrapped
-
-    def render(self, request: Request) -> Any:
-        try:
-            unquote_to_bytes(request.path).decode("utf-8")
-        except UnicodeDecodeError:
-            error = InvalidRequest("Request path is not valid UTF-8 after percent-decoding.")
-            request.setResponseCode(error.status)
-            request.setHeader(b"Content-Type", b"application/json")
-            return jsonBytes(error.envelope())
-        return self._wrapped.render(request)
-
-
 class CovenSite(Site):
     """
     The HTTP site, without an access log: request lines carry session ids at a
@@ -149,9 +125,6 @@ class CovenSite(Site):
     protocol = CovenChannel
     requestFactory = CovenRequest
     displayTracebacks = False
-
-    def __init__(self, resource: Resource, **kwargs: Any) -> None:
-        super().__init__(_URLCheck(resource), **kwargs)
 
     def log(self, request: Request) -> None:
         pass

@@ -17,6 +17,12 @@ The prompt is one argument of the form "MODE ARG...":
                         input line, then print its second byte and " after"
     bytes HEX           write the bytes HEX and exit 0
     burst SIZE          write SIZE bytes of a known pattern and exit 0
+    wait-burst SIZE     print "ready", wait for an input line, then write SIZE bytes
+                        of the pattern and exit 0; no echo, no output processing
+    pieces HEX...       write each piece of bytes, waiting for an input line
+                        before every piece after the first; no echo
+    lengths             print "ready", then the length of each input line, until
+                        the line "quit"
     env NAME...         print NAME=value for each variable, then the window size
     query               send a cursor position query, print the reply, exit 0
 """
@@ -162,6 +168,32 @@ def main(prompt: str) -> int:
     if mode == "burst":
         rawOutput()
         write(pattern(int(argument)))
+        return 0
+
+    if mode == "wait-burst":
+        noEcho()
+        rawOutput()
+        write(b"ready\n")
+        sys.stdin.readline()
+        write(pattern(int(argument)))
+        return 0
+
+    if mode == "pieces":
+        noEcho()
+        rawOutput()
+        for index, piece in enumerate(argument.split()):
+            if index:
+                sys.stdin.readline()
+            write(bytes.fromhex(piece))
+        return 0
+
+    if mode == "lengths":
+        write(b"ready\n")
+        for line in sys.stdin:
+            line = line.rstrip("\r\n")
+            if line == "quit":
+                return 0
+            write(f"length {len(line)}\n".encode("ascii"))
         return 0
 
     if mode == "env":
