@@ -191,6 +191,39 @@ def sessionMembers(sessionLeader: int, sessionId: str) -> list[int]:
     return members
 
 
+def killLeftoverProcesses(sessionIds: list[str]) -> list[int]:
+    """
+    Send SIGKILL to every process that carries one of C{sessionIds} in its
+    C{COVEN_SESSION_ID}: what is left of sessions whose daemon died.
+
+    The environment variable, not a stored pid, identifies them, so a pid
+    reused by an unrelated process is never hit.
+
+    @return: the pids signalled.
+    """
+    markers = {f"COVEN_SESSION_ID={sessionId}".encode() for sessionId in sessionIds}
+    if not markers:
+        return []
+    ownPid = os.getpid()
+    killed = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return killed
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == ownPid:
+            continue
+        environ = _readProc(entry, "environ")
+        if environ is None or markers.isdisjoint(environ.split(b"\0")):
+            continue
+        try:
+            os.kill(int(entry), signal.SIGKILL)
+            killed.append(int(entry))
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed
+
+
 def signalSession(sessionLeader: int, sessionId: str, signalNumber: int) -> bool:
     """
     Send C{signalNumber} to the harness's process group and to the session's

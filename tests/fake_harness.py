@@ -109,19 +109,25 @@ def main(prompt: str) -> int:
         waitForever()
 
     if mode == "grandchild":
+        # "ready" is printed only once the child ignores the signals, so a
+        # kill sent after it cannot reach the child first.
         child = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                "import signal\n"
+                "import signal, sys\n"
                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                 "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+                "print('child ready', flush=True, file=sys.stderr)\n"
+                "sys.stderr.close()\n"
                 "signal.pause()",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
+        assert child.stderr is not None
+        child.stderr.readline()
         with open(argument + ".tmp", "w") as file:
             file.write(f"{os.getpid()} {child.pid}\n")
         os.replace(argument + ".tmp", argument)
