@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
@@ -85,6 +86,20 @@ def _depth(text: str) -> int:
     return deepest
 
 
+def _parseInteger(text: str) -> int:
+    # Python refuses to convert more than 4300 digits; say so in API terms.
+    if len(text.lstrip("-")) > 4300:
+        raise ValueError(f"integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+def _parseFloat(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def parseJSONObject(body: bytes) -> dict[str, Any]:
     """
     Parse a request body that must be one JSON object.
@@ -109,7 +124,11 @@ def parseJSONObject(body: bytes) -> dict[str, Any]:
         )
     try:
         value = json.loads(
-            text, object_pairs_hook=_rejectDuplicateKeys, parse_constant=_rejectConstant
+            text,
+            object_pairs_hook=_rejectDuplicateKeys,
+            parse_constant=_rejectConstant,
+            parse_int=_parseInteger,
+            parse_float=_parseFloat,
         )
     except (ValueError, RecursionError) as error:
         raise InvalidRequest(f"Request body is not valid JSON: {error}.") from None

@@ -11,14 +11,14 @@ from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from coven.api import CovenAPI
 from coven.harnesses import HarnessRegistry
 from coven.records import utcnow
-from coven.sessions import DEFAULT_KILL_GRACE, SessionManager
+from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
 from coven.store import Store, StoreSchemaError
 from coven.web import CovenSite
 
@@ -157,7 +157,12 @@ class CovenService(MultiService):
         os.umask(self.harnessUmask)
         orphans = self.store.open()
         for sessionId in orphans:
-            log.info("Session {sessionId} was running when the daemon stopped; marked orphaned", sessionId=sessionId)
+            log.info(
+                "Session {sessionId} was running when the daemon stopped; marked orphaned",
+                sessionId=sessionId,
+            )
+        for pid in killLeftoverProcesses(orphans):
+            log.info("Killed process {pid} left over from an orphaned session", pid=pid)
         super().startService()
 
         # A socket file left by a daemon that crashed is stale: the lock proves
@@ -174,6 +179,8 @@ class CovenService(MultiService):
 
     def _listening(self, port: Any) -> None:
         self._port = port
+        if isinstance(port, unix.Port) and self.listenDescription.startswith("systemd:"):
+            _keepInheritedSocket(port)
         self.startedAt = utcnow()
         info = self.daemonInfo()
         temporary = self.daemonFile + ".tmp"
@@ -215,6 +222,24 @@ class CovenService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
+def _keepInheritedSocket(port: unix.Port) -> None:
+    """
+    Leave a UNIX socket inherited from systemd as systemd made it.
+
+    Twisted 26.10 treats an adopted UNIX socket like one it bound itself: it
+    sets the file's mode to 0666 when it starts listening, and when it stops
+    it shuts the socket down for every process holding it and deletes the
+    file. systemd owns the socket and listens on after the daemon exits, so
+    the mode goes back to 0600, and stopping only closes this process's copy.
+    """
+    # NOTE: _bindPath and _shouldShutdown are private to Twisted's Port classes.
+    path = port._bindPath
+    if path[:1] not in (b"\0", "\0"):
+        os.chmod(path, 0o600)
+    port._shouldShutdown = False
+    port.connectionLost = lambda reason: tcp.Port.connectionLost(port, reason)
+
+
 def _currentUmask() -> int:
     umask = os.umask(0o077)
     os.umask(umask)
@@ -236,8 +261,9 @@ def defaultListen(home: str) -> str:
     """
     path = os.path.join(home, "coven.sock").replace("\\", "\\\\").replace(":", "\\:")
     # The home lock already keeps a second daemon away, so Twisted's own
-    # socket lock file is not needed.
-    return f"unix:{path}:mode=600:lockfile=0"
+    # socket lock file is not needed. Clients that connect without blocking
+    # fail at once when the backlog is full, so it is larger than Twisted's 50.
+    return f"unix:{path}:mode=600:lockfile=0:backlog=1024"
 
 
 def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:

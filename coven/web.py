@@ -92,6 +92,17 @@ class CovenChannel(HTTPChannel):
             return
         super().connectionMade()
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request line or header line over MAX_LENGTH (16 KiB); LineReceiver
+        # would close the connection without a response.
+        self._respondToBadRequestAndDisconnect()
+
+    def _send100Continue(self) -> None:
+        # A body rejected by its declared length already has its 400 response,
+        # and a "100 Continue" after it would start a second one.
+        if not self.transport.disconnecting:
+            super()._send100Continue()
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         error = InvalidRequest(
             "Malformed HTTP request: the request line or headers are invalid or too large."
@@ -125,6 +136,12 @@ class CovenSite(Site):
     protocol = CovenChannel
     requestFactory = CovenRequest
     displayTracebacks = False
+
+    def __init__(self, resource: Resource, **kwargs: Any) -> None:
+        # Bodies are JSON. Twisted's own form parsing would reject a malformed
+        # multipart body with a generic 400 before the Content-Type check runs.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(resource, **kwargs)
 
     def log(self, request: Request) -> None:
         pass
