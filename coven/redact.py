@@ -3,46 +3,115 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
 
-# Each kind of secret, as a bytes pattern. Groups named "keep" stay in the output
-# (the "Bearer " or "password=" before a value); the rest of the match becomes
-# [REDACTED:kind]. Secrets are ASCII, so matching bytes before UTF-8 decoding
-# keeps the recorded text and its raw bytes consistent.
-SECRET_PATTERNS: tuple[tuple[str, bytes], ...] = (
+# Each kind of secret: its name, the literal markers one of which every such
+# secret contains, and its pattern. A pattern starts with its literal part so
+# the regex engine can search for it quickly; the check that no token character
+# comes before it is a lookbehind placed after that literal. Secrets are ASCII,
+# so matching bytes before UTF-8 decoding keeps text and raw bytes consistent.
+_TOKEN_KINDS: tuple[tuple[str, tuple[bytes, ...], bytes], ...] = (
     (
         "private-key",
+        (b"PRIVATE KEY",),
         rb"-----BEGIN[A-Z0-9 ]{0,40} PRIVATE KEY-----.*?-----END[A-Z0-9 ]{0,40} PRIVATE KEY-----",
     ),
-    ("anthropic", rb"(?<![A-Za-z0-9_-])sk-ant-[A-Za-z0-9_-]{16,}"),
-    ("openai", rb"(?<![A-Za-z0-9_-])sk-(?:proj-)?[A-Za-z0-9_-]{20,}"),
-    ("github", rb"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
-    ("aws-access-key-id", rb"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])"),
-    ("slack", rb"(?<![A-Za-z0-9-])xox[abposre]-[A-Za-z0-9-]{10,}"),
-    ("jwt", rb"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
-    ("bearer", rb"(?P<keep>(?i:\bbearer)[ \t]+)[A-Za-z0-9._~+/=-]{12,}"),
+    ("anthropic", (b"sk-ant-",), rb"sk-ant-(?<![A-Za-z0-9_-]sk-ant-)[A-Za-z0-9_-]{16,}"),
+    ("openai", (b"sk-",), rb"sk-(?<![A-Za-z0-9_-]sk-)(?!ant-)(?:proj-)?[A-Za-z0-9_-]{20,}"),
+    (
+        "github",
+        (b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_"),
+        rb"g(?<![A-Za-z0-9_]g)(?:h[pousr]_[A-Za-z0-9]{30,}|ithub_pat_[A-Za-z0-9_]{30,})",
+    ),
+    (
+        "aws-access-key-id",
+        (b"AKIA", b"ASIA", b"ABIA", b"ACCA"),
+        rb"A(?<![A-Z0-9]A)(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])",
+    ),
+    ("slack", (b"xox",), rb"xox(?<![A-Za-z0-9-]xox)[abposre]-[A-Za-z0-9-]{10,}"),
+    (
+        "jwt",
+        (b"eyJ",),
+        rb"eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+    ),
+)
+# Secrets known by the label before them. The label (group "keep") stays in the
+# output; only the value becomes [REDACTED:kind]. These patterns are tried only
+# where a lower-cased label word occurs.
+_LABELLED_KINDS: tuple[tuple[str, tuple[bytes, ...], bytes], ...] = (
+    ("bearer", (b"bearer",), rb"(?P<keep>(?<![A-Za-z0-9])(?i:bearer)[ \t]+)[A-Za-z0-9._~+/=-]{12,}"),
     (
         "assignment",
-        rb"(?P<keep>(?i:\b(?:password|passwd|token|secret|api[_-]?key|access[_-]?key)"
-        rb"[ \t]*[=:][ \t]*))(?:\"[^\"\s]{4,}\"|'[^'\s]{4,}'|[^\s\"']{4,})",
+        (b"passw", b"token", b"secret", b"key"),
+        rb"(?P<keep>(?<![A-Za-z0-9])(?i:(?:password|passwd|token|secret|api[_-]?key|access[_-]?key)"
+        rb"[ \t]*[=:][ \t]*))(?:\"[^\"\n]{4,}\"|'[^'\n]{4,}'|[^\s\"']{4,})",
     ),
 )
+# Where a label may start before the word that finds it: "key" ends api_key,
+# apikey, access_key and accesskey.
+_LABEL_LEADS = {b"key": (7, 6, 4, 3)}
 
-_COMBINED = re.compile(
-    b"|".join(
-        b"(?P<" + kind.replace("-", "_").encode() + b">" + pattern.replace(b"(?P<keep>", b"(?:") + b")"
-        for kind, pattern in SECRET_PATTERNS
-    ),
-    re.DOTALL,
-)
-_KEEP = {kind: re.compile(pattern, re.DOTALL) for kind, pattern in SECRET_PATTERNS if b"(?P<keep>" in pattern}
+_TOKEN_PATTERNS = [
+    (kind, markers, re.compile(pattern, re.DOTALL)) for kind, markers, pattern in _TOKEN_KINDS
+]
+_LABELLED_PATTERNS = [
+    (kind, markers, re.compile(pattern)) for kind, markers, pattern in _LABELLED_KINDS
+]
+_KEYWORDS = tuple(marker for _, markers, _ in _LABELLED_KINDS for marker in markers)
 
-# Literal parts of which every secret contains at least one: a read without any of
-# them is passed on without running the full pattern.
-# Fewer, shorter markers scan faster: "gh" covers every GitHub prefix, "IA" the
-# AWS ones but ACCA, and "key" both api_key and access_key.
-_MARKERS = (b"sk-", b"gh", b"IA", b"ACCA", b"xox", b"eyJ", b"PRIVATE KEY")
-_KEYWORDS = (b"bearer", b"passw", b"token", b"secret", b"key")
+
+def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
+    """
+    Return the spans of the secrets in C{data} with their replacements, in
+    order and not overlapping.
+    """
+    found: list[tuple[int, int, bytes]] = []
+    for kind, markers, pattern in _TOKEN_PATTERNS:
+        if any(marker in data for marker in markers):
+            label = b"[REDACTED:" + kind.encode() + b"]"
+            found.extend((match.start(), match.end(), label) for match in pattern.finditer(data))
+
+    lowered = data.lower()
+    for kind, words, pattern in _LABELLED_PATTERNS:
+        label = b"[REDACTED:" + kind.encode() + b"]"
+        for word in words:
+            leads = _LABEL_LEADS.get(word, (0,))
+            position = lowered.find(word)
+            while position != -1:
+                for lead in leads:
+                    match = pattern.match(data, position - lead) if position >= lead else None
+                    if match is not None:
+                        found.append((match.end("keep"), match.end(), label))
+                        break
+                position = lowered.find(word, position + 1)
+
+    found.sort()
+    spans: list[tuple[int, int, bytes]] = []
+    for start, end, label in found:
+        if spans and start < spans[-1][1]:
+            continue
+        spans.append((start, end, label))
+    return spans
+
+
+def redactBytes(data: bytes) -> bytes:
+    """
+    Replace every complete secret in C{data}.
+    """
+    return _replaceSpans(data, _findSecrets(data))
+
+
+def _replaceSpans(data: bytes, spans: list[tuple[int, int, bytes]]) -> bytes:
+    if not spans:
+        return data
+    pieces = []
+    position = 0
+    for start, end, label in spans:
+        pieces.append(data[position:start])
+        pieces.append(label)
+        position = end
+    pieces.append(data[position:])
+    return b"".join(pieces)
+
 
 # A read may end in the middle of a secret. A tail that could still grow into one
 # is held back until the next read.
@@ -52,12 +121,19 @@ _TOKEN_PREFIXES = (
 )
 _TOKEN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.=/+~-"
 _TRAILING_CONTEXT = re.compile(
-    rb"(?i:\b(?:bearer|password|passwd|token|secret|api[_-]?key|access[_-]?key))[ \t]*[=:]?[ \t]*"
-    rb"[\"']?[A-Za-z0-9_.=/+~-]*\Z"
+    rb"(?i:(?:bearer|password|passwd|token|secret|api[_-]?key|access[_-]?key))[ \t]*[=:]?[ \t]*"
+    rb"(?:\"[^\"\n]*|'[^'\n]*|[A-Za-z0-9_.=/+~-]*)\Z"
 )
-# How far before the trailing token run a keyword such as "password=" may start.
-_CONTEXT_BYTES = 40
+# The words that start a labelled secret; an end of output that is the start of
+# one of them is held back too.
+_LABELS = (
+    b"bearer", b"password", b"passwd", b"token", b"secret",
+    b"api_key", b"api-key", b"apikey", b"access_key", b"access-key", b"accesskey",
+)
+# How far back from the end of output a label such as "password=" is looked for.
+_CONTEXT_BYTES = 256
 _PEM_BEGIN = b"-----BEGIN"
+_PEM_BLOCK = _TOKEN_PATTERNS[0][2]
 # An unfinished private key block: its BEGIN line (or part of it), then only what
 # a key block contains (base64, header fields) up to the end of the output.
 _PEM_BODY = re.compile(
@@ -68,36 +144,22 @@ _PEM_BODY = re.compile(
 MAX_HELD_KEY_BYTES = 64 * 1024
 
 
-def _replacement(match: re.Match[bytes]) -> bytes:
-    kind = match.lastgroup or "secret"
-    label = kind.replace("_", "-")
-    keep = _KEEP.get(label)
-    prefix = b""
-    if keep is not None:
-        inner = keep.match(match.group(0))
-        if inner is not None:
-            prefix = inner.group("keep")
-    return prefix + b"[REDACTED:" + label.encode() + b"]"
-
-
-def _mayContainSecret(data: bytes) -> bool:
-    if any(marker in data for marker in _MARKERS):
-        return True
-    lowered = data.lower()
-    return any(keyword in lowered for keyword in _KEYWORDS)
-
-
-def redactBytes(data: bytes) -> bytes:
-    """
-    Replace every complete secret in C{data}.
-    """
-    if not _mayContainSecret(data):
-        return data
-    return _COMBINED.sub(_replacement, data)
-
-
 def _couldStartToken(run: bytes) -> bool:
     return any(run.startswith(prefix) or prefix.startswith(run) for prefix in _TOKEN_PREFIXES)
+
+
+def _couldStartLabel(run: bytes) -> bool:
+    """
+    Return whether C{run} ends with the start of a label, as in C{pass} or, in
+    a longer name, C{DB_PASS}.
+    """
+    lowered = run.lower()
+    starts = [0] + [index + 1 for index, byte in enumerate(lowered) if byte in b"_-."]
+    for start in starts:
+        piece = lowered[start:]
+        if piece and any(label.startswith(piece) for label in _LABELS):
+            return True
+    return False
 
 
 def _holdPoint(data: bytes) -> int:
@@ -109,7 +171,7 @@ def _holdPoint(data: bytes) -> int:
     point = size
 
     begin = data.rfind(_PEM_BEGIN)
-    if begin != -1 and data.find(b"-----END", begin) == -1 and _PEM_BODY.match(data, begin):
+    if begin != -1 and _PEM_BLOCK.match(data, begin) is None and _PEM_BODY.match(data, begin):
         point = begin
     else:
         # The end may be the first bytes of "-----BEGIN".
@@ -120,10 +182,10 @@ def _holdPoint(data: bytes) -> int:
 
     runStart = len(data.rstrip(_TOKEN_BYTES))
     run = data[runStart:]
-    if run and _couldStartToken(run):
+    if run and (_couldStartToken(run) or _couldStartLabel(run)):
         point = min(point, runStart)
 
-    region = max(0, runStart - _CONTEXT_BYTES)
+    region = max(0, size - _CONTEXT_BYTES)
     lowered = data[region:].lower()
     if any(keyword in lowered for keyword in _KEYWORDS):
         context = _TRAILING_CONTEXT.search(data, region)
@@ -138,8 +200,7 @@ class StreamRedactor:
     start of a secret split across two reads.
     """
 
-    def __init__(self, redact: Callable[[bytes], bytes] = redactBytes) -> None:
-        self._redact = redact
+    def __init__(self) -> None:
         self._held = b""
 
     @property
@@ -153,15 +214,21 @@ class StreamRedactor:
         if self._held:
             data = self._held + data
             self._held = b""
+        spans = _findSecrets(data)
         point = _holdPoint(data)
+        # A complete secret is never cut by the hold point: it goes out whole.
+        for start, end, _ in spans:
+            if start < point < end:
+                point = end
         if point < len(data):
             held = data[point:]
             if len(held) > MAX_HELD_KEY_BYTES and held.startswith(_PEM_BEGIN):
                 # A key block this long is still a key block: redact it whole.
-                return self._redact(data[:point]) + b"[REDACTED:private-key]"
+                return _replaceSpans(data[:point], spans) + b"[REDACTED:private-key]"
             self._held = held
             data = data[:point]
-        return self._redact(data)
+            spans = [span for span in spans if span[1] <= point]
+        return _replaceSpans(data, spans)
 
     def flush(self, final: bool) -> bytes:
         """
@@ -178,4 +245,4 @@ class StreamRedactor:
             self._held = b""
             return b"[REDACTED:private-key]"
         held, self._held = self._held, b""
-        return self._redact(held)
+        return redactBytes(held)

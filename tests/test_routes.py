@@ -814,16 +814,17 @@ def test_events_unknown_session(memory: MemoryDaemon) -> None:
 def test_events_seq_global_order(memory: MemoryDaemon) -> None:
     first, firstProcess = memory.launch()
     second, secondProcess = memory.launch()
-    firstProcess.protocol.outReceived(b"a")
-    secondProcess.protocol.outReceived(b"b")
+    # Whole lines, which the redactor never holds back as a possible secret.
+    firstProcess.protocol.outReceived(b"a\n")
+    secondProcess.protocol.outReceived(b"b\n")
     memory.clock.advance(0)
-    firstProcess.protocol.outReceived(b"c")
+    firstProcess.protocol.outReceived(b"c\n")
     memory.clock.advance(0)
 
     firstEvents = memory.events(first["id"])
     secondEvents = memory.events(second["id"])
-    assert [payload(event)["data"] for event in firstEvents] == ["a", "c"]
-    assert [payload(event)["data"] for event in secondEvents] == ["b"]
+    assert [payload(event)["data"] for event in firstEvents] == ["a\n", "c\n"]
+    assert [payload(event)["data"] for event in secondEvents] == ["b\n"]
     assert firstEvents[0]["seq"] < secondEvents[0]["seq"] < firstEvents[1]["seq"]
 
 
