@@ -20,7 +20,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from coven.records import Event, EventPage, SessionRecord
-from coven.service import defaultHome
+from coven.home import defaultHome
 
 CONTRACT_VERSION = "coven.daemon.v1"
 API_PREFIX = "/api/v1"

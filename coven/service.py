@@ -17,19 +17,13 @@ from twisted.logger import Logger
 
 from coven.api import CovenAPI
 from coven.harnesses import HarnessRegistry
+from coven.home import defaultHome
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
 from coven.store import Store, StoreSchemaError
 from coven.web import CovenSite
 
 log = Logger()
-
-
-def defaultHome() -> str:
-    """
-    Return C{$COVEN_HOME}, else C{~/.coven}.
-    """
-    return os.environ.get("COVEN_HOME") or os.path.join(os.path.expanduser("~"), ".coven")
 
 
 @attrs.frozen
