@@ -1,0 +1,111 @@
+"""The SQLite store on real files: schema versions, seq, and records that cannot be written."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from coven.records import SessionRecord, utcnow
+from coven.store import SCHEMA_VERSION, Store, StoreSchemaError, openDatabase
+
+
+def sessionRecord(sessionId: str) -> SessionRecord:
+    now = utcnow()
+    return SessionRecord(sessionId, "/p", "/p", "fake", "t", "running", None, None, now, now)
+
+
+@pytest.fixture
+def databasePath(home: str) -> str:
+    return os.path.join(home, "coven.sqlite3")
+
+
+def test_new_database_has_schema(databasePath: str) -> None:
+    openDatabase(databasePath)
+
+    with sqlite3.connect(databasePath) as connection:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        journal = connection.execute("PRAGMA journal_mode").fetchone()[0]
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert version == SCHEMA_VERSION
+    assert journal == "wal"
+    assert {"sessions", "events"} <= tables
+    assert os.stat(databasePath).st_mode & 0o777 == 0o600
+
+
+def test_newer_schema_rejected(databasePath: str) -> None:
+    with sqlite3.connect(databasePath) as connection:
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+
+    with pytest.raises(StoreSchemaError) as raised:
+        openDatabase(databasePath)
+
+    assert databasePath in str(raised.value)
+    assert f"schema version {SCHEMA_VERSION + 1}" in str(raised.value)
+
+
+def test_reopen_keeps_data(databasePath: str) -> None:
+    openDatabase(databasePath)
+    with sqlite3.connect(databasePath) as connection:
+        connection.execute(
+            "INSERT INTO sessions VALUES ('s', '/p', '/p', 'fake', 't', 'completed', 0, NULL, 'a', 'b')"
+        )
+
+    orphans = openDatabase(databasePath)
+
+    with sqlite3.connect(databasePath) as connection:
+        count = connection.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+    assert orphans == []
+    assert count == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_seq_not_reused_after_delete(databasePath: str) -> None:
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    try:
+        await store.insertSession(sessionRecord("first"))
+        await store.appendEvent("first", "input", {"data": "x"}, wait=True)
+        firstPage = await store.readEvents("first", 0, 10)
+        await store.deleteSession("first")
+        await store.insertSession(sessionRecord("second"))
+        await store.appendEvent("second", "input", {"data": "y"}, wait=True)
+        secondPage = await store.readEvents("second", 0, 10)
+        deleted = await store.readEvents("first", 0, 10)
+    finally:
+        await store.stopService()
+
+    assert deleted is None
+    assert secondPage.events[0].seq > firstPage.events[0].seq
+
+
+@pytest_twisted.ensureDeferred
+async def test_unstorable_record_dropped_alone(databasePath: str) -> None:
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    try:
+        await store.insertSession(sessionRecord("s"))
+        before = store.appendEvent("s", "input", {"data": "before"}, wait=True)
+        # A lone surrogate cannot be encoded for SQLite: no retry could ever
+        # store it, so it must not hold up the records around it.
+        broken = store.appendEvent("s", "input", {"data": "\ud800"}, wait=True)
+        after = store.appendEvent("s", "input", {"data": "after"}, wait=True)
+        await before
+        failure = None
+        try:
+            await broken
+        except Exception as error:
+            failure = error
+        await after
+        page = await store.readEvents("s", 0, 10)
+    finally:
+        await store.stopService()
+
+    assert failure is not None
+    assert [event.payload_json for event in page.events] == ['{"data":"before"}', '{"data":"after"}']
+    assert store.writable
