@@ -121,8 +121,6 @@ class HarnessProtocol(ProcessProtocol):
         sessionId: str,
         store: Store,
         reactor: IReactorTime,
-        onExited: Callable[[Failure], None],
-        onEnded: Callable[[], None],
         redact: bool = True,
     ) -> None:
         """
@@ -131,8 +129,9 @@ class HarnessProtocol(ProcessProtocol):
         self.sessionId = sessionId
         self._store = store
         self._reactor = reactor
-        self._onExited = onExited
-        self._onEnded = onEnded
+        self._onExited: Callable[[Failure], None] | None = None
+        self._onEnded: Callable[[], None] | None = None
+        self.exitReason: Failure | None = None
         self._queries = TerminalQueryFilter()
         self._decoder = OutputDecoder()
         self._redactor = StreamRedactor() if redact else None
@@ -140,8 +139,12 @@ class HarnessProtocol(ProcessProtocol):
         self.finished = False
         self.ptyClosed = False
         self.bytesRead = 0
+        self.pid: int | None = None
 
     def connectionMade(self) -> None:
+        # Twisted clears transport.pid once the process is reaped, which for a
+        # harness that exits at once may be before spawnProcess returns.
+        self.pid = self.transport.pid
         self._store.registerProducer(self.transport)
 
     def outReceived(self, data: bytes) -> None:
@@ -196,10 +199,26 @@ class HarnessProtocol(ProcessProtocol):
         self.finished = True
         self._store.unregisterProducer(self.transport)
 
+    def attach(self, onExited: Callable[[Failure], None], onEnded: Callable[[], None]) -> None:
+        """
+        Set who hears of the harness's exit and of the PTY's end, and tell them
+        at once of what already happened: a harness that exits immediately can
+        be reaped while C{spawnProcess} is still running.
+        """
+        self._onExited = onExited
+        self._onEnded = onEnded
+        if self.exitReason is not None:
+            onExited(self.exitReason)
+        if self.ptyClosed:
+            onEnded()
+
     def processExited(self, reason: Failure) -> None:
-        self._onExited(reason)
+        self.exitReason = reason
+        if self._onExited is not None:
+            self._onExited(reason)
 
     def processEnded(self, reason: Failure) -> None:
         self.ptyClosed = True
         self._store.unregisterProducer(self.transport)
-        self._onEnded()
+        if self._onEnded is not None:
+            self._onEnded()

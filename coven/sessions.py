@@ -385,6 +385,11 @@ class SessionManager(Service):
             pid=live.pid,
             cwd=cwd,
         )
+        # Only now, with the session registered, may its end be handled.
+        live.protocol.attach(
+            onExited=lambda reason: self._processExited(live, reason),
+            onEnded=lambda: self._processEnded(live),
+        )
         await inserted
         return record
 
@@ -421,15 +426,7 @@ class SessionManager(Service):
             os.close(slave)
             raise
 
-        holder: dict[str, LiveSession] = {}
-        protocol = HarnessProtocol(
-            record.id,
-            self._store,
-            self._reactor,
-            onExited=lambda reason: self._processExited(holder["live"], reason),
-            onEnded=lambda: self._processEnded(holder["live"]),
-            redact=self.redact,
-        )
+        protocol = HarnessProtocol(record.id, self._store, self._reactor, redact=self.redact)
         try:
             transport = self._reactor.spawnProcess(
                 protocol,
@@ -447,9 +444,8 @@ class SessionManager(Service):
                 except OSError:
                     pass
             raise
-        live = LiveSession(record, protocol, transport, transport.pid)
-        holder["live"] = live
-        return live
+        assert protocol.pid is not None
+        return LiveSession(record, protocol, transport, protocol.pid)
 
     # Input and resize
 

@@ -190,12 +190,15 @@ class FakeProcessReactor(Clock):
     @ivar spawnError: when set, the next C{spawnProcess} raises it instead.
     @ivar rejectedPTYs: the (master, slave) descriptors of each call that
         raised, which the caller must close.
+    @ivar exitDuringSpawn: when set, the next process exits with this reason
+        and is reaped before C{spawnProcess} returns.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[SpawnedProcess] = []
         self.spawnError: OSError | None = None
+        self.exitDuringSpawn: Failure | None = None
         self.rejectedPTYs: list[tuple[int, int]] = []
         self._nextPid = FIRST_FAKE_PID
 
@@ -227,6 +230,13 @@ class FakeProcessReactor(Clock):
             )
         )
         protocol.makeConnection(transport)
+        if self.exitDuringSpawn is not None:
+            # Twisted can reap a child that exits at once before spawnProcess
+            # returns; the pid is gone from the transport by then.
+            reason, self.exitDuringSpawn = self.exitDuringSpawn, None
+            protocol.processExited(reason)
+            transport.pid = None
+            protocol.processEnded(reason)
         return transport
 
     def closeAll(self) -> None:

@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ProcessDone
+from twisted.python.failure import Failure
 
 from coven.records import SessionRecord
 from coven.sessions import DRAIN_TIMEOUT
@@ -1303,3 +1305,16 @@ def test_exit_empty_group_no_sigkill(memory: MemoryDaemon) -> None:
     process.end(exitReason(0))
     memory.clock.advance(memory.sessions.killGrace)
     assert memory.signals.calls == [(process.transport.pid, record["id"], signal.SIGTERM)]
+
+
+def test_exit_during_spawn_recorded(memory: MemoryDaemon) -> None:
+    memory.clock.exitDuringSpawn = Failure(ProcessDone(0))
+
+    record, process = memory.launch()
+    events = memory.events(record["id"])
+
+    assert record["status"] == "running"
+    assert [event["kind"] for event in events] == ["exit"]
+    assert payload(events[-1])["status"] == "completed"
+    assert memory.get(f"/api/v1/sessions/{record['id']}").body["status"] == "completed"
+    assert memory.sessions.liveSession(record["id"]) is None
