@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import signal
 import struct
@@ -26,7 +27,7 @@ from coven.errors import (
     SessionNotLive,
 )
 from coven.harnesses import HarnessRegistry, HarnessSpec
-from coven.pty import HarnessProtocol
+from coven.pty import HarnessProtocol, drainPTY
 from coven.records import SessionRecord, utcnow
 from coven.redact import redactBytes
 from coven.store import Store
@@ -444,6 +445,10 @@ class SessionManager(Service):
                 except OSError:
                     pass
             raise
+        # NOTE: this replaces a method of Twisted's PTYProcess instance, which
+        # reads 8 KiB per wake-up; the replacement keeps its return contract.
+        if hasattr(transport, "fd"):
+            transport.doRead = functools.partial(drainPTY, transport)
         assert protocol.pid is not None
         return LiveSession(record, protocol, transport, protocol.pid)
 

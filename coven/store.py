@@ -72,6 +72,10 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024
 # reading resumes once the queue is back under LOW_WATER.
 HIGH_WATER_BYTES = 16 * 1024 * 1024
 LOW_WATER_BYTES = 4 * 1024 * 1024
+# Seconds output waits for more output before it is written, so a burst read
+# 4 KiB at a time is stored in events of tens of KiB; well under the output
+# latency clients notice.
+OUTPUT_FLUSH_DELAY = 0.003
 # Seconds before a failed write transaction is tried again; the delay doubles
 # with each failure in a row, up to MAX_RETRY_DELAY.
 RETRY_DELAY = 0.25
@@ -270,10 +274,14 @@ class Store(Service):
         self._openOutputs: dict[str, _OutputWrite] = {}
         self._inFlight = False
         self._flushCall: Any = None
+        # Queued writes other than output; while there are any, the writer
+        # does not wait for more output before it starts a transaction.
+        self._urgentOps = 0
         self._retryDelay = RETRY_DELAY
         self._idleWaiters: list[defer.Deferred[None]] = []
 
         self.pendingBytes = 0
+        self.outputFlushDelay = OUTPUT_FLUSH_DELAY
         self.highWater = HIGH_WATER_BYTES
         self.lowWater = LOW_WATER_BYTES
         self._producers: set[IPushProducer] = set()
@@ -362,6 +370,7 @@ class Store(Service):
             waiter = defer.Deferred()
             op.waiters.append(waiter)
         self._queue.append(op)
+        self._urgentOps += 1
         self._scheduleFlush()
         return waiter
 
@@ -423,13 +432,18 @@ class Store(Service):
             self._openOutputs[sessionId] = pending
             self._queue.append(pending)
         self._updatePressure()
-        self._scheduleFlush()
+        self._scheduleFlush(self.outputFlushDelay)
 
-    def _scheduleFlush(self) -> None:
-        # Deferring the flush to the next reactor turn lets every read that
-        # arrived in this turn join one transaction.
-        if self._flushCall is None and not self._inFlight and self._queue:
-            self._flushCall = self._reactor.callLater(0, self._flush)
+    def _scheduleFlush(self, delay: float = 0) -> None:
+        # Deferring the flush lets every read that arrives meanwhile join one
+        # transaction: to the next reactor turn for session changes, a little
+        # longer for output so a burst makes fewer, larger events.
+        if self._inFlight or not self._queue:
+            return
+        if self._flushCall is None:
+            self._flushCall = self._reactor.callLater(delay, self._flush)
+        elif delay == 0 and self._flushCall.getTime() > self._reactor.seconds():
+            self._flushCall.reset(0)
 
     def _takeBatch(self) -> list[_Op]:
         batch: list[_Op] = []
@@ -440,6 +454,8 @@ class Store(Service):
                 if self._openOutputs.get(op.sessionId) is op:
                     del self._openOutputs[op.sessionId]
                 size += op.size
+            else:
+                self._urgentOps -= 1
             batch.append(op)
         return batch
 
@@ -492,7 +508,7 @@ class Store(Service):
                 waiter.callback(None)
 
         if self._queue:
-            self._scheduleFlush()
+            self._scheduleFlush(0 if self._urgentOps else self.outputFlushDelay)
         else:
             idle, self._idleWaiters = self._idleWaiters, []
             for waiter in idle:
@@ -525,6 +541,7 @@ class Store(Service):
                 waiter.errback(RuntimeUnavailable("The session store cannot write right now."))
             op.waiters.clear()
         self._queue.extendleft(reversed(batch))
+        self._urgentOps += sum(1 for op in batch if not isinstance(op, _OutputWrite))
         self._updatePressure()
         self._flushCall = self._reactor.callLater(self._retryDelay, self._flush)
         self._retryDelay = min(self._retryDelay * 2, MAX_RETRY_DELAY)

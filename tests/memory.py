@@ -349,6 +349,9 @@ class MemoryDaemon:
         self.clock = FakeProcessReactor()
         self.database = MemoryDatabase()
         self.store = Store(":memory:", self.clock, poolFactory=self.database.pool)
+        # Output is written on the next clock.advance(0), like every other
+        # write; tests of the output delay set it back.
+        self.store.outputFlushDelay = 0
         self.store.startService()
 
         self.signals = SignalRecorder()

@@ -1318,3 +1318,31 @@ def test_exit_during_spawn_recorded(memory: MemoryDaemon) -> None:
     assert payload(events[-1])["status"] == "completed"
     assert memory.get(f"/api/v1/sessions/{record['id']}").body["status"] == "completed"
     assert memory.sessions.liveSession(record["id"]) is None
+
+
+def test_output_waits_for_more(memory: MemoryDaemon) -> None:
+    memory.store.outputFlushDelay = 0.003
+    record, process = memory.launch()
+
+    process.protocol.outReceived(b"first\n")
+    memory.clock.advance(0)
+    process.protocol.outReceived(b"second\n")
+    memory.clock.advance(0.003)
+    memory.store.outputFlushDelay = 0
+
+    events = memory.events(record["id"])
+    assert [payload(event)["data"] for event in events] == ["first\nsecond\n"]
+
+
+def test_session_change_skips_output_wait(memory: MemoryDaemon) -> None:
+    memory.store.outputFlushDelay = 10.0
+    record, process = memory.launch()
+    process.protocol.outReceived(b"printed\n")
+
+    response = memory.post(f"/api/v1/sessions/{record['id']}/kill")
+
+    # The kill's writes are not held back by the output delay, and the output
+    # queued before them goes first.
+    assert response.status == 202
+    kinds = [event["kind"] for event in memory.events(record["id"])]
+    assert kinds == ["output", "kill"]
