@@ -286,6 +286,8 @@ class Store(Service):
         self.lowWater = LOW_WATER_BYTES
         self._producers: set[IPushProducer] = set()
         self._producersPaused = False
+        # How many times the PTYs were paused because the queue was full.
+        self.pauseCount = 0
 
         self._eventWaiters: dict[str, list[defer.Deferred[None]]] = {}
         self.writeFailures = 0
@@ -346,8 +348,9 @@ class Store(Service):
     def _updatePressure(self) -> None:
         if not self._producersPaused and self.pendingBytes > self.highWater:
             self._producersPaused = True
-            log.info(
-                "Write queue holds {pendingBytes} bytes; pausing {count} PTYs",
+            self.pauseCount += 1
+            log.debug(
+                "Write queue has {pendingBytes} bytes; pausing {count} PTYs",
                 pendingBytes=self.pendingBytes,
                 count=len(self._producers),
             )

@@ -345,3 +345,42 @@ def test_other_uid_connection_closed(home):
     assert status == 200
     with open(os.path.join(home, "coven.log")) as file:
         assert "from uid 65534" in file.read()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_sessions_burst_lossless(daemon):
+    # A CI-sized version of the benchmark's 100 sessions printing 1 MB at once.
+    client = daemon.client
+    size = 256 * 1024
+    count = 20
+
+    sessions = await defer.gatherResults(
+        [defer.ensureDeferred(client.launch(daemon.project, f"burst {size}")) for _ in range(count)]
+    )
+    await defer.gatherResults(
+        [defer.ensureDeferred(client.waitForExit(session["id"], timeout=120)) for session in sessions]
+    )
+    recorded = [outputBytes(await client.allEvents(session["id"])) for session in sessions]
+
+    expected = pattern(size)
+    assert [len(output) for output in recorded] == [size] * count
+    assert all(output == expected for output in recorded)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twenty_megabyte_burst_lossless(daemon):
+    # A CI-sized version of the benchmark's 20 MB burst, through a store whose
+    # high-water mark is low enough to pause the PTY many times on the way.
+    daemon.service.store.highWater = 256 * 1024
+    daemon.service.store.lowWater = 64 * 1024
+    size = 20 * 1024 * 1024
+    session = await daemon.client.launch(daemon.project, f"burst {size}")
+
+    await daemon.client.waitForExit(session["id"], timeout=120)
+    events = await daemon.client.allEvents(session["id"])
+
+    recorded = outputBytes(events)
+    assert len(recorded) == size
+    assert recorded == pattern(size)
+    assert sum(1 for event in events if event["kind"] == "output") <= 2000
+    assert daemon.service.store.pauseCount > 0
