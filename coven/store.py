@@ -195,7 +195,7 @@ def _migrate(connection: sqlite3.Connection, path: str) -> None:
     (version,) = connection.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise StoreSchemaError(
-            f"database {path} has schema version {version}, but this Coven knows"
+            f"database {path} has schema version {version}, but this Coven supports"
             f" versions up to {SCHEMA_VERSION}; upgrade Coven or use another --home"
         )
 
@@ -317,7 +317,8 @@ class Store(Service):
 
     def startService(self) -> None:
         super().startService()
-        # One writer connection keeps the queue's order; readers never block it.
+        # One writer connection keeps the queue's order. In WAL mode the reader
+        # connections do not block it.
         self._writer = self._poolFactory(1)
         self._reader = self._poolFactory(2)
 
@@ -538,7 +539,7 @@ class Store(Service):
                 error=failure.getErrorMessage(),
             )
         # The batch goes back to the front of the queue unchanged, so nothing is
-        # lost and the order is kept; callers waiting on it learn of the failure.
+        # lost and the order is kept. Callers waiting on it get the failure.
         for op in batch:
             for waiter in op.waiters:
                 waiter.errback(RuntimeUnavailable("The session store cannot write right now."))
@@ -641,7 +642,7 @@ class Store(Service):
     def waitForEvents(self, sessionId: str) -> defer.Deferred[None]:
         """
         Return a Deferred that fires when the next transaction holding an event of
-        C{sessionId} commits; cancelling it forgets the wait.
+        C{sessionId} commits. Cancelling it removes the wait.
         """
 
         def forget(waiter: defer.Deferred[None]) -> None:
