@@ -167,6 +167,9 @@ def _field(
             raise InvalidRequest(f"Field {name} is required: {what}.", field=name)
         return None
     value = body[name]
+    # JSON has one number type, and JSON Schema counts 24.0 as the integer 24.
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
     # bool is an int in Python, never a valid integer field here.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise InvalidRequest(f"Field {name} must be {what}.", field=name)

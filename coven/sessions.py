@@ -46,6 +46,9 @@ DEFAULT_KILL_GRACE = 3.0
 DRAIN_TIMEOUT = 1.0
 # Variables that tell a harness it runs inside another agent session.
 NESTING_VARIABLES = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
+# Variables that describe the daemon's sockets inherited from systemd, which a
+# harness does not get.
+SOCKET_ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 @attrs.frozen
@@ -292,7 +295,9 @@ class SessionManager(Service):
 
     def harnessEnvironment(self, sessionId: str) -> dict[str, str]:
         environment = {
-            name: value for name, value in self._environ.items() if name not in NESTING_VARIABLES
+            name: value
+            for name, value in self._environ.items()
+            if name not in NESTING_VARIABLES and name not in SOCKET_ACTIVATION_VARIABLES
         }
         environment["TERM"] = "xterm-256color"
         environment["COVEN_SESSION_ID"] = sessionId

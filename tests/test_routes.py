@@ -1079,7 +1079,7 @@ def test_resize_accepted(memory: MemoryDaemon, prefix: str) -> None:
         ({"rows": 40}, "cols"),
         ({"cols": 120}, "rows"),
         ({"cols": "120", "rows": 40}, "cols"),
-        ({"cols": 120, "rows": 40.0}, "rows"),
+        ({"cols": 120, "rows": 40.5}, "rows"),
     ],
 )
 def test_resize_invalid_size(memory: MemoryDaemon, body: dict[str, Any], field: str) -> None:
@@ -1346,3 +1346,13 @@ def test_session_change_skips_output_wait(memory: MemoryDaemon) -> None:
     assert response.status == 202
     kinds = [event["kind"] for event in memory.events(record["id"])]
     assert kinds == ["output", "kill"]
+
+
+def test_resize_whole_float_accepted(memory: MemoryDaemon) -> None:
+    # JSON has one number type: 40.0 is the integer 40, as JSON Schema has it.
+    record, process = memory.launch()
+
+    response = memory.post(f"/api/v1/sessions/{record['id']}/resize", {"cols": 120.0, "rows": 40.0})
+
+    assert response.status == 202
+    assert windowSize(process.transport.fileno()) == (120, 40)
