@@ -390,9 +390,15 @@ _deleteSession = recordCommand(CovenClient.delete, "Deleted session {sessionId} 
 
 async def sacrificeCommand(reactor: Any, client: CovenClient, args: argparse.Namespace) -> int:
     if not args.yes:
+        # Check the session first, so the confirmation names what would go.
+        session = await client.getSession(await resolveSessionId(client, args.id))
+        if session.status == "running":
+            raise UsageError(
+                f"Session {session.id} is still running; kill it before coven sacrifice."
+            )
         raise UsageError(
-            f"coven sacrifice deletes session {args.id} and all its events for good;"
-            " add --yes to confirm."
+            f"coven sacrifice deletes session {session.id} ({session.title}) and all its"
+            " events for good; add --yes to confirm."
         )
     return await _deleteSession(reactor, client, args)
 
@@ -595,8 +601,9 @@ async def attachSession(reactor: Any, client: CovenClient, session: SessionRecor
     attachment = Attachment(reactor, client, session)
     outcome = await attachment.run()
     if outcome == "detached":
+        # The harness's last line may not end with a newline.
         sys.stderr.write(
-            f"Detached from session {session.id}; it keeps running."
+            f"\r\nDetached from session {session.id}; it keeps running."
             f" Reattach with `coven attach {session.id[:SHORT_ID_LENGTH]}`.\n"
         )
         return EXIT_OK
@@ -607,9 +614,12 @@ async def attachSession(reactor: Any, client: CovenClient, session: SessionRecor
         sys.stderr.write(f"Session {session.id} is {describeStatus(current)}.\n")
     elif final.kind == "exit":
         payload = eventPayload(final)
-        cause = f"exit code {payload.get('exitCode')}"
         if payload.get("signal"):
             cause = f"signal {payload['signal']}"
+        elif payload.get("exitCode") is not None:
+            cause = f"exit code {payload['exitCode']}"
+        else:
+            cause = payload.get("reason") or "no exit code"
         sys.stderr.write(f"Session {session.id} ended: {payload.get('status')}, {cause}.\n")
     else:
         reason = eventPayload(final).get("reason", "the daemon restarted")
@@ -772,8 +782,9 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
             running = f" (pid {health.daemon.pid})" if health.daemon else ""
             raise CommandFailed(
                 f"The Coven daemon at {client.socketPath}{running} was not started by"
-                f" `coven daemon start`: {pidfile} is missing. Stop it the way it was started,"
-                " for example `systemctl --user stop coven`."
+                f" `coven daemon start`: {pidfile} is missing. Stop it the way it was started:"
+                " Ctrl-C in the terminal of `twistd -n coven`, `kill` with its pid, or"
+                " `systemctl --user stop coven`."
             )
         raise DaemonNotRunning(client.socketPath)
 

@@ -325,8 +325,10 @@ class SessionManager(Service):
         harness = self.harnesses.get(request.harness)
         if harness is None:
             ids = ", ".join(spec.id for spec in self.harnesses.all())
+            ignored = self.harnesses.configError
+            note = f" The harness file was ignored: {ignored}" if ignored else ""
             raise InvalidRequest(
-                f"Unknown harness {request.harness!r}; configured harnesses: {ids}.",
+                f"Unknown harness {request.harness!r}; configured harnesses: {ids}.{note}",
                 field="harness",
                 harness=request.harness,
                 harnesses=[spec.id for spec in self.harnesses.all()],

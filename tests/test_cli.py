@@ -185,10 +185,6 @@ def test_usage_errors_exit_code_2(emptyHome):
         assert result.returncode == 2, (args, result.stderr)
         assert "usage: coven" in result.stderr
 
-    refused = coven(emptyHome, "sacrifice", "abc")
-    assert refused.returncode == 2
-    assert "add --yes to confirm" in refused.stderr
-
     noJSON = coven(emptyHome, "run", "fake", "hi", "--json")
     assert noJSON.returncode == 2
     assert "--json" in noJSON.stderr
@@ -319,6 +315,9 @@ def test_archive_summon_sacrifice(cliDaemon):
     busy = coven(cliDaemon.home, "sacrifice", running[:8], "--yes")
     assert busy.returncode == 1
     assert "[session_not_live" in busy.stderr
+    unconfirmedBusy = coven(cliDaemon.home, "sacrifice", running[:8])
+    assert unconfirmedBusy.returncode == 2
+    assert f"Session {running} is still running" in unconfirmedBusy.stderr
     api(cliDaemon, "POST", f"/api/v1/sessions/{running}/kill")
     waitForExit(cliDaemon, running)
 
@@ -328,6 +327,14 @@ def test_archive_summon_sacrifice(cliDaemon):
     summoned = coven(cliDaemon.home, "summon", running[:8], "--json")
     assert summoned.returncode == 0, summoned.stderr
     assert json.loads(summoned.stdout)["archived_at"] is None
+
+    unconfirmed = coven(cliDaemon.home, "sacrifice", running[:8])
+    assert unconfirmed.returncode == 2
+    assert f"deletes session {running} (sleep)" in unconfirmed.stderr
+    assert "add --yes to confirm" in unconfirmed.stderr
+    unknown = coven(cliDaemon.home, "sacrifice", "zzzz")
+    assert unknown.returncode == 1
+    assert "session_not_found" in unknown.stderr
 
     gone = coven(cliDaemon.home, "sacrifice", running[:8], "--yes")
     assert gone.returncode == 0, gone.stderr
