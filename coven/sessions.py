@@ -153,6 +153,19 @@ def signalName(number: int | None) -> str | None:
         return str(number)
 
 
+def _otherProcesses() -> list[str]:
+    """
+    Return the pids in C{/proc} other than the daemon's own, as strings; empty
+    where C{/proc} is missing.
+    """
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    ownPid = str(os.getpid())
+    return [entry for entry in entries if entry.isdigit() and entry != ownPid]
+
+
 def _readProc(pid: str, name: str) -> bytes | None:
     try:
         with open(f"/proc/{pid}/{name}", "rb") as file:
@@ -170,15 +183,8 @@ def sessionMembers(sessionLeader: int, sessionId: str) -> list[int]:
     is missing.
     """
     marker = f"COVEN_SESSION_ID={sessionId}".encode()
-    ownPid = os.getpid()
     members = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return members
-    for entry in entries:
-        if not entry.isdigit() or int(entry) == ownPid:
-            continue
+    for entry in _otherProcesses():
         stat = _readProc(entry, "stat")
         if stat is None:
             continue
@@ -208,15 +214,8 @@ def killLeftoverProcesses(sessionIds: list[str]) -> list[int]:
     markers = {f"COVEN_SESSION_ID={sessionId}".encode() for sessionId in sessionIds}
     if not markers:
         return []
-    ownPid = os.getpid()
     killed = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return killed
-    for entry in entries:
-        if not entry.isdigit() or int(entry) == ownPid:
-            continue
+    for entry in _otherProcesses():
         environ = _readProc(entry, "environ")
         if environ is None or markers.isdisjoint(environ.split(b"\0")):
             continue

@@ -177,7 +177,15 @@ def sessionProcesses(sessionId: str) -> list[int]:
     """
     Return the live processes whose environment carries C{COVEN_SESSION_ID}.
     """
-    marker = f"COVEN_SESSION_ID={sessionId}".encode()
+    return markedProcesses(f"COVEN_SESSION_ID={sessionId}")
+
+
+def markedProcesses(variable: str) -> list[int]:
+    """
+    Return the live processes whose environment contains C{variable}, a
+    C{NAME=value} entry.
+    """
+    marker = variable.encode()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

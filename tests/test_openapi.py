@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import unsupported_method
 
 from coven.api import CovenAPI
 
-from .support import FAKE_HARNESS, processExists, waitUntil
+from .support import FAKE_HARNESS, markedProcesses, waitUntil
 
 OPENAPI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "openapi.yaml")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -124,26 +124,6 @@ class FuzzTarget:
             return file.read()
 
 
-def _markedProcesses(marker: str) -> list[int]:
-    """
-    Return the live processes whose environment contains C{marker}: the
-    daemon and every harness it started.
-    """
-    needle = marker.encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as file:
-                environ = file.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in environ and processExists(int(entry)):
-            found.append(int(entry))
-    return found
-
-
 def _stopDaemon(target: FuzzTarget) -> None:
     """
     Stop the daemon with SIGTERM, which kills its live sessions, and check
@@ -159,9 +139,9 @@ def _stopDaemon(target: FuzzTarget) -> None:
         raise AssertionError(f"daemon did not stop within {DAEMON_TIMEOUT}s of SIGTERM:\n{target.log()}")
 
     try:
-        waitUntil(lambda: not _markedProcesses(target.marker), timeout=DAEMON_TIMEOUT)
+        waitUntil(lambda: not markedProcesses(target.marker), timeout=DAEMON_TIMEOUT)
     except AssertionError:
-        leftovers = _markedProcesses(target.marker)
+        leftovers = markedProcesses(target.marker)
         for pid in leftovers:
             try:
                 os.kill(pid, signal.SIGKILL)
