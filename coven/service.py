@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -97,6 +98,7 @@ class CovenService(MultiService):
         self.harnessUmask = _currentUmask()
 
         self.store = Store(os.path.join(home, "coven.sqlite3"), reactor)
+        self.store.onIdleAfterLoad = releaseFreeMemory
         self.store.setServiceParent(self)
         self.harnesses = HarnessRegistry(os.path.join(home, "harnesses.toml"))
         self.settings = loadSettings(os.path.join(home, "coven.toml"))
@@ -232,6 +234,21 @@ def _keepInheritedSocket(port: unix.Port) -> None:
         os.chmod(path, 0o600)
     port._shouldShutdown = False
     port.connectionLost = lambda reason: tcp.Port.connectionLost(port, reason)
+
+
+def releaseFreeMemory() -> None:
+    """
+    Hand memory that the allocator keeps after a burst back to the system.
+
+    Large output strings come from glibc's heap, which keeps freed pages; after
+    100 sessions of 1 MB this returned about 18 MB of RSS. Elsewhere than glibc
+    this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _currentUmask() -> int:

@@ -76,6 +76,10 @@ LOW_WATER_BYTES = 4 * 1024 * 1024
 # 4 KiB at a time is stored in events of tens of KiB; well under the output
 # latency clients notice.
 OUTPUT_FLUSH_DELAY = 0.003
+# After this much output, a quiet store calls Store.onIdleAfterLoad (the daemon
+# then hands freed memory back to the system).
+IDLE_AFTER_LOAD_BYTES = 8 * 1024 * 1024
+IDLE_AFTER_LOAD_DELAY = 2.0
 # Seconds before a failed write transaction is tried again; the delay doubles
 # with each failure in a row, up to MAX_RETRY_DELAY.
 RETRY_DELAY = 0.25
@@ -288,6 +292,11 @@ class Store(Service):
         self._producersPaused = False
         # How many times the PTYs were paused because the queue was full.
         self.pauseCount = 0
+        # Called once the queue has been empty for IDLE_AFTER_LOAD_DELAY
+        # seconds after at least IDLE_AFTER_LOAD_BYTES of output were written.
+        self.onIdleAfterLoad: Callable[[], None] | None = None
+        self._bytesSinceIdle = 0
+        self._idleCall: Any = None
 
         self._eventWaiters: dict[str, list[defer.Deferred[None]]] = {}
         self.writeFailures = 0
@@ -323,6 +332,8 @@ class Store(Service):
         self._reader = self._poolFactory(2)
 
     async def _stop(self) -> None:
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
         await self.flush()
         self._wakeAllWaiters()
         for pool in (self._writer, self._reader):
@@ -500,6 +511,7 @@ class Store(Service):
         for op in batch:
             if isinstance(op, _OutputWrite):
                 self.pendingBytes -= op.size
+                self._bytesSinceIdle += op.size
             if isinstance(op, (_EventWrite, _OutputWrite)):
                 woken.add(op.sessionId)
             for waiter in op.waiters:
@@ -517,6 +529,22 @@ class Store(Service):
             idle, self._idleWaiters = self._idleWaiters, []
             for waiter in idle:
                 waiter.callback(None)
+            self._scheduleIdleAfterLoad()
+
+    def _scheduleIdleAfterLoad(self) -> None:
+        if self.onIdleAfterLoad is None or self._bytesSinceIdle < IDLE_AFTER_LOAD_BYTES:
+            return
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.reset(IDLE_AFTER_LOAD_DELAY)
+        else:
+            self._idleCall = self._reactor.callLater(IDLE_AFTER_LOAD_DELAY, self._idleAfterLoad)
+
+    def _idleAfterLoad(self) -> None:
+        self._idleCall = None
+        if self._queue or self._inFlight or self.onIdleAfterLoad is None:
+            return
+        self._bytesSinceIdle = 0
+        self.onIdleAfterLoad()
 
     def _batchFailed(self, failure: Any, batch: list[_Op]) -> None:
         self._inFlight = False

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from coven.records import SessionRecord
 from coven.sessions import DRAIN_TIMEOUT
+from coven.store import IDLE_AFTER_LOAD_DELAY
 
 from .memory import (
     DAEMON_INFO,
@@ -1356,3 +1357,26 @@ def test_resize_whole_float_accepted(memory: MemoryDaemon) -> None:
 
     assert response.status == 202
     assert windowSize(process.transport.fileno()) == (120, 40)
+
+
+def test_idle_after_load_called_once(memory: MemoryDaemon) -> None:
+    calls: list[None] = []
+    memory.store.onIdleAfterLoad = lambda: calls.append(None)
+    record, process = memory.launch()
+    line = b"x" * 1023 + b"\n"
+
+    process.protocol.outReceived(line * 1024)
+    memory.clock.advance(0)
+    memory.clock.advance(IDLE_AFTER_LOAD_DELAY)
+    quietAfterSmallOutput = len(calls)
+    for _ in range(8):
+        process.protocol.outReceived(line * 1024)
+        memory.clock.advance(0)
+    memory.clock.advance(IDLE_AFTER_LOAD_DELAY / 2)
+    stillBusy = len(calls)
+    memory.clock.advance(IDLE_AFTER_LOAD_DELAY)
+
+    # 1 MiB is below the threshold; 9 MiB in all is above it.
+    assert quietAfterSmallOutput == 0
+    assert stillBusy == 0
+    assert len(calls) == 1
