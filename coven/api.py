@@ -87,7 +87,8 @@ def _depth(text: str) -> int:
 
 
 def _parseInteger(text: str) -> int:
-    # Python refuses to convert more than 4300 digits; say so in API terms.
+    # Python rejects more than 4300 digits with advice about its own settings,
+    # so the limit is reported here in API terms.
     if len(text.lstrip("-")) > 4300:
         raise ValueError(f"integer of {len(text)} digits is out of range")
     return int(text)

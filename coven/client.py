@@ -650,9 +650,9 @@ class CovenClient:
         if waitMs <= 0:
             raise ValueError(f"waitMs must be a positive number of milliseconds, got {waitMs}")
 
-        # A session that is not running is only replayed; one that is running
-        # is followed with long polls, and checked again whenever a wait ends
-        # with nothing new.
+        # A session that is not running is only replayed. A running one is
+        # followed with long polls and checked again whenever a wait ends with
+        # nothing new.
         live = (await self.getSession(sessionId)).status == "running"
         cursor = afterSeq
         while True:

@@ -1,4 +1,4 @@
-"""Where a Coven home folder is, shared by the daemon and its clients."""
+"""The location of the Coven home folder, shared by the daemon and its clients."""
 
 from __future__ import annotations
 

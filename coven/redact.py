@@ -6,9 +6,10 @@ import re
 
 # Each kind of secret: its name, the literal markers one of which every such
 # secret contains, and its pattern. A pattern starts with its literal part so
-# the regex engine can search for it quickly; the check that no token character
-# comes before it is a lookbehind placed after that literal. Secrets are ASCII,
-# so matching bytes before UTF-8 decoding keeps text and raw bytes consistent.
+# the regex engine can search for it quickly. The check that no token character
+# comes before it is therefore a lookbehind placed after that literal. Secrets
+# are ASCII, so matching bytes before UTF-8 decoding keeps text and raw bytes
+# consistent.
 _TOKEN_KINDS: tuple[tuple[str, tuple[bytes, ...], bytes], ...] = (
     (
         "private-key",
@@ -46,8 +47,8 @@ _LABELLED_KINDS: tuple[tuple[str, tuple[bytes, ...], bytes], ...] = (
         rb"[ \t]*[=:][ \t]*))(?:\"[^\"\n]{4,}\"|'[^'\n]{4,}'|[^\s\"']{4,})",
     ),
 )
-# Where a label may start before the word that finds it: "key" ends api_key,
-# apikey, access_key and accesskey.
+# Offsets, before the word that finds a label, at which the label may start:
+# "key" ends api_key, apikey, access_key and accesskey.
 _LABEL_LEADS = {b"key": (7, 6, 4, 3)}
 
 _GATES = {
@@ -144,7 +145,7 @@ _LABELS = (
     b"bearer", b"password", b"passwd", b"token", b"secret",
     b"api_key", b"api-key", b"apikey", b"access_key", b"access-key", b"accesskey",
 )
-_LONGEST_LABEL = max(len(label) for label in _LABELS)
+_MAX_LABEL_LENGTH = max(len(label) for label in _LABELS)
 # How far back from the end of output a label such as "password=" is looked for.
 _CONTEXT_BYTES = 256
 _PEM_BEGIN = b"-----BEGIN"
@@ -154,8 +155,8 @@ _PEM_BLOCK = _TOKEN_PATTERNS[0][2]
 _PEM_BODY = re.compile(
     rb"-----BEGIN[A-Z0-9 ]{0,40}(?: PRIVATE KEY-----[A-Za-z0-9+/=:,\s-]*| PRIVATE KEY-{0,4}| PRIVATE KE?Y?| PRIVATE ?|)\Z"
 )
-# The longest private key block held back while waiting for its END line; a
-# longer one is cut at this size and redacted whole.
+# The maximum size of a private key block held back while its END line has not
+# arrived. A longer one is cut at this size and redacted whole.
 MAX_HELD_KEY_BYTES = 64 * 1024
 
 
@@ -169,8 +170,8 @@ def _couldStartLabel(run: bytes) -> bool:
     a longer name, C{DB_PASS}.
     """
     # Only the last bytes can begin a label prefix, so a long run costs no more.
-    tail = run[-_LONGEST_LABEL:].lower()
-    starts = [0] if len(run) <= _LONGEST_LABEL else []
+    tail = run[-_MAX_LABEL_LENGTH:].lower()
+    starts = [0] if len(run) <= _MAX_LABEL_LENGTH else []
     starts.extend(index + 1 for index, byte in enumerate(tail) if byte in b"_-.")
     for start in starts:
         piece = tail[start:]

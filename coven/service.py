@@ -222,11 +222,11 @@ def _keepInheritedSocket(port: unix.Port) -> None:
     """
     Leave a UNIX socket inherited from systemd as systemd made it.
 
-    Twisted 26.10 treats an adopted UNIX socket like one it bound itself: it
-    sets the file's mode to 0666 when it starts listening, and when it stops
-    it shuts the socket down for every process holding it and deletes the
-    file. systemd owns the socket and listens on after the daemon exits, so
-    the mode goes back to 0600, and stopping only closes this process's copy.
+    Twisted 26.10 treats an adopted UNIX socket like one it bound itself. It
+    sets the file's mode to 0666 when it starts listening. When it stops, it
+    shuts the socket down for every process that has it and deletes the file.
+    systemd owns the socket and listens on after the daemon exits, so the mode
+    goes back to 0600, and stopping only closes this process's copy.
     """
     # NOTE: _bindPath and _shouldShutdown are private to Twisted's Port classes.
     path = port._bindPath

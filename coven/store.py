@@ -551,6 +551,7 @@ class Store(Service):
         self.writable = False
         self.writeFailures += 1
         self._failureStreak += 1
+
         # The first failure is logged with its cause; a streak is logged every
         # tenth try so a full disk does not flood the log.
         if self._failureStreak == 1:
@@ -566,6 +567,7 @@ class Store(Service):
                 tries=self._failureStreak,
                 error=failure.getErrorMessage(),
             )
+
         # The batch goes back to the front of the queue unchanged, so nothing is
         # lost and the order is kept. Callers waiting on it get the failure.
         for op in batch:
@@ -575,6 +577,7 @@ class Store(Service):
         self._queue.extendleft(reversed(batch))
         self._urgentOps += sum(1 for op in batch if not isinstance(op, _OutputWrite))
         self._updatePressure()
+
         self._flushCall = self._reactor.callLater(self._retryDelay, self._flush)
         self._retryDelay = min(self._retryDelay * 2, MAX_RETRY_DELAY)
 

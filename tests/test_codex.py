@@ -9,8 +9,7 @@ import subprocess
 import pytest
 import pytest_twisted
 
-from .conftest import RunningDaemon, startDaemon
-from .support import UnixClient, outputText, payload, pollUntil, sessionProcesses
+from .support import outputText, payload, pollUntil, sessionProcesses
 
 
 def findCodex() -> str | None:
@@ -32,20 +31,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest_twisted.async_yield_fixture
-async def codexDaemon(home, monkeypatch):
-    # Codex keeps its state under HOME and CODEX_HOME; give it empty ones so the
-    # test never touches a real login.
+@pytest.fixture
+def codexEnvironment(home, monkeypatch):
+    # Codex keeps its state under HOME and CODEX_HOME. Empty ones keep the test
+    # away from a real login, and they are set before the daemon copies its
+    # environment for harnesses.
     codexHome = os.path.join(home, "codex-home")
     os.makedirs(codexHome)
     monkeypatch.setenv("HOME", codexHome)
     monkeypatch.setenv("CODEX_HOME", codexHome)
-    project = os.path.join(home, "project")
-    os.makedirs(project)
-    service = await startDaemon(os.path.join(home, "coven"))
-    yield RunningDaemon(service, UnixClient(service.socketPath), service.home, project)
-    if service.running:
-        await service.stopService()
+
+
+@pytest.fixture
+def codexDaemon(codexEnvironment, daemon):
+    return daemon
 
 
 @pytest_twisted.ensureDeferred
@@ -54,8 +53,8 @@ async def test_codex_session_recorded_and_killed(codexDaemon):
     session = await client.launch(codexDaemon.project, "say hello", harness="codex")
     assert session["harness"] == "codex"
 
-    # The TUI draws its first screen, a sign-in screen without a login, within
-    # seconds; by then it has started its background helpers.
+    # The TUI draws its first screen (a sign-in screen without a login) within
+    # seconds. By then it has started its background helpers.
     await client.waitForOutput(session["id"], "Codex", timeout=60)
     helpers = sessionProcesses(session["id"])
     status, _ = await client.post(f"/api/v1/sessions/{session['id']}/kill")
@@ -68,7 +67,7 @@ async def test_codex_session_recorded_and_killed(codexDaemon):
     assert payload(events[-1])["status"] == "killed"
     status, record = await client.get(f"/api/v1/sessions/{session['id']}")
     assert record["status"] == "killed"
-    # Codex starts helper processes in sessions of their own; they carry the
-    # session id in their environment and are ended with the session.
+    # Codex starts helper processes in sessions of their own. They carry the
+    # session id in their environment, so they are ended with the session.
     assert helpers
     await pollUntil(lambda: sessionProcesses(session["id"]) == [], timeout=30)

@@ -410,7 +410,7 @@ async def test_sequence_continues_across_sessions(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_long_poll_with_events_ready(daemon):
-    # A long poll that finds events at once answers at once, and its unused
+    # A long poll that finds events at once returns at once, and its unused
     # wake-up leaves no unhandled error behind.
     events = []
     observer = events.append
