@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -204,16 +206,63 @@ def freeLoopbackPort() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def writeSelfSignedCertificate(path: str) -> None:
+    """
+    Write a PEM file with a new key and a self-signed certificate for 127.0.0.1.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    with open(path, "wb") as file:
+        file.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        file.write(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def mapsCryptography(pid: int) -> bool:
+    """
+    Return whether the process has a file of the cryptography package mapped,
+    which pyOpenSSL loads.
+    """
+    with open(f"/proc/{pid}/maps") as file:
+        return any(f"{os.sep}cryptography{os.sep}" in line for line in file)
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp", "ssl"])
 def test_listen_endpoint_option(home, kind):
     covenHome = os.path.join(home, "coven")
     writeHarnesses(covenHome)
     if kind == "unix":
         otherSocket = os.path.join(home, "other.sock")
         listen = f"unix:{otherSocket}:mode=600"
-    else:
+    elif kind == "tcp":
         port = freeLoopbackPort()
         listen = f"tcp:{port}:interface=127.0.0.1"
+    else:
+        port = freeLoopbackPort()
+        certificatePath = os.path.join(home, "server.pem")
+        writeSelfSignedCertificate(certificatePath)
+        listen = f"ssl:{port}:interface=127.0.0.1:privateKey={certificatePath}"
 
     process = subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome, "--listen", listen],
@@ -223,10 +272,16 @@ def test_listen_endpoint_option(home, kind):
     )
     try:
         waitUntil(lambda: os.path.exists(os.path.join(covenHome, "daemon.json")) or process.poll() is not None)
+        loadedTLS = mapsCryptography(process.pid)
         if kind == "unix":
             status, health = requestBlocking(otherSocket, "GET", "/api/v1/health")
         else:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            if kind == "tcp":
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            else:
+                context = ssl.create_default_context(cafile=certificatePath)
+                context.check_hostname = False
+                connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
             connection.request("GET", "/api/v1/health")
             response = connection.getresponse()
             status, health = response.status, json.loads(response.read())
@@ -238,3 +293,5 @@ def test_listen_endpoint_option(home, kind):
     assert status == 200
     assert health["daemon"]["socket"] == listen
     assert not os.path.exists(os.path.join(covenHome, "coven.sock"))
+    # Only a TLS listener needs pyOpenSSL, which costs about 12 MB of RSS.
+    assert loadedTLS == (kind == "ssl")
