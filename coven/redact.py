@@ -51,22 +51,39 @@ _LABELLED_KINDS: tuple[tuple[str, tuple[bytes, ...], bytes], ...] = (
 # "key" ends api_key, apikey, access_key and accesskey.
 _LABEL_LEADS = {b"key": (7, 6, 4, 3)}
 
+# What every secret of the kind contains. Looking for one byte runs at memory
+# speed, so a kind whose byte is absent costs almost nothing. The two kinds
+# that start with "sk-" share that search.
 _GATES = {
     "private-key": b"P",
-    "anthropic": b"-",
-    "openai": b"-",
+    "anthropic": b"sk-",
+    "openai": b"sk-",
     "github": b"_",
     "aws-access-key-id": b"A",
     "slack": b"-",
     "jwt": b"J",
 }
 _TOKEN_PATTERNS = [
-    (kind, markers, re.compile(pattern, re.DOTALL)) for kind, markers, pattern in _TOKEN_KINDS
+    (_GATES[kind], re.compile(pattern, re.DOTALL), b"[REDACTED:" + kind.encode() + b"]")
+    for kind, _, pattern in _TOKEN_KINDS
 ]
-_LABELLED_PATTERNS = [
-    (kind, markers, re.compile(pattern)) for kind, markers, pattern in _LABELLED_KINDS
-]
-_KEYWORDS = tuple(marker for _, markers, _ in _LABELLED_KINDS for marker in markers)
+_BEARER_PATTERN, _ASSIGNMENT_PATTERN = (
+    (re.compile(pattern), b"[REDACTED:" + kind.encode() + b"]") for kind, _, pattern in _LABELLED_KINDS
+)
+# The labels of an assignment, lower-cased: the words its pattern accepts
+# before the "=" or ":".
+_ASSIGNMENT_LABELS = (
+    b"password", b"passwd", b"token", b"secret", b"api_key", b"api-key", b"apikey",
+    b"access_key", b"access-key", b"accesskey",
+)
+_BLANKS = b" \t"
+# The words that find a label, lower-cased; see _LABEL_LEADS.
+_ASSIGNMENT_WORDS = (b"passw", b"token", b"secret", b"key")
+_KEYWORDS = (b"bearer", *_ASSIGNMENT_WORDS)
+# Up to this many "=" and ":" in one piece of output, assignments are looked for
+# back from each of them; past it, output such as source code is searched for
+# the label words instead.
+_MAX_SEPARATORS = 32
 
 
 def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -75,19 +92,59 @@ def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
     order and not overlapping.
     """
     found: list[tuple[int, int, bytes]] = []
-    for kind, markers, pattern in _TOKEN_PATTERNS:
-        # A one-byte search runs at memchr speed, so a byte every marker of
-        # the kind contains rules most kinds out before the markers are sought.
-        if _GATES[kind] not in data:
+    # Each token pattern starts with a literal, which the regex engine finds
+    # faster than a search for each of the kind's markers would.
+    hasSk = b"-" in data and b"sk-" in data
+    for gate, pattern, label in _TOKEN_PATTERNS:
+        if not (hasSk if gate == b"sk-" else gate in data):
             continue
-        if any(marker in data for marker in markers):
-            label = b"[REDACTED:" + kind.encode() + b"]"
-            found.extend((match.start(), match.end(), label) for match in pattern.finditer(data))
+        for match in pattern.finditer(data):
+            found.append((match.start(), match.end(), label))
 
     lowered = data.lower()
-    for kind, words, pattern in _LABELLED_PATTERNS:
-        label = b"[REDACTED:" + kind.encode() + b"]"
-        for word in words:
+    pattern, label = _BEARER_PATTERN
+    position = lowered.find(b"bearer")
+    while position != -1:
+        match = pattern.match(data, position)
+        if match is not None:
+            found.append((match.end("keep"), match.end(), label))
+        position = lowered.find(b"bearer", position + 1)
+
+    if b"=" in data or b":" in data:
+        _findAssignments(data, lowered, found)
+
+    if not found:
+        return found
+    found.sort()
+    spans: list[tuple[int, int, bytes]] = []
+    for start, end, label in found:
+        if spans and start < spans[-1][1]:
+            continue
+        spans.append((start, end, label))
+    return spans
+
+
+def _separators(data: bytes) -> list[int] | None:
+    """
+    Return the positions of "=" and ":" in C{data}, or C{None} when there are
+    more than L{_MAX_SEPARATORS}.
+    """
+    positions: list[int] = []
+    for separator in (b"=", b":"):
+        position = data.find(separator)
+        while position != -1:
+            if len(positions) == _MAX_SEPARATORS:
+                return None
+            positions.append(position)
+            position = data.find(separator, position + 1)
+    return positions
+
+
+def _findAssignments(data: bytes, lowered: bytes, found: list[tuple[int, int, bytes]]) -> None:
+    pattern, label = _ASSIGNMENT_PATTERN
+    separators = _separators(data)
+    if separators is None:
+        for word in _ASSIGNMENT_WORDS:
             leads = _LABEL_LEADS.get(word, (0,))
             position = lowered.find(word)
             while position != -1:
@@ -97,14 +154,18 @@ def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
                         found.append((match.end("keep"), match.end(), label))
                         break
                 position = lowered.find(word, position + 1)
-
-    found.sort()
-    spans: list[tuple[int, int, bytes]] = []
-    for start, end, label in found:
-        if spans and start < spans[-1][1]:
-            continue
-        spans.append((start, end, label))
-    return spans
+        return
+    for separator in separators:
+        # The label ends where the blanks before the separator start.
+        end = separator
+        while end and data[end - 1] in _BLANKS:
+            end -= 1
+        for word in _ASSIGNMENT_LABELS:
+            if lowered.endswith(word, 0, end):
+                match = pattern.match(data, end - len(word))
+                if match is not None:
+                    found.append((match.end("keep"), match.end(), label))
+                break
 
 
 def redactBytes(data: bytes) -> bytes:
@@ -149,7 +210,7 @@ _MAX_LABEL_LENGTH = max(len(label) for label in _LABELS)
 # How far back from the end of output a label such as "password=" is looked for.
 _CONTEXT_BYTES = 256
 _PEM_BEGIN = b"-----BEGIN"
-_PEM_BLOCK = _TOKEN_PATTERNS[0][2]
+_PEM_BLOCK = _TOKEN_PATTERNS[0][1]
 # An unfinished private key block: its BEGIN line (or part of it), then only what
 # a key block contains (base64, header fields) up to the end of the output.
 _PEM_BODY = re.compile(

@@ -7,6 +7,7 @@ import os
 import pytest
 import pytest_twisted
 
+from coven import redact
 from coven.redact import StreamRedactor, redactBytes
 
 from .conftest import RunningDaemon, startDaemon
@@ -123,6 +124,42 @@ def test_labelled_split_anywhere(text: bytes, expected: bytes) -> None:
 
     for cut in range(1, len(line)):
         assert feedInPieces([line[:cut], line[cut:]]) == whole, cut
+
+
+# A source file full of "=" and ":" with labelled secrets among them: more
+# separators than the redactor looks back from, so it searches for the labels.
+SOURCE_LIKE = b"".join(
+    b"value_%d = compute(%d)  # ratio: %d:1\n" % (number, number, number) for number in range(40)
+) + b"".join(text + b"\n" for text, _ in LABELLED)
+
+
+def test_many_separators_still_redacted() -> None:
+    assert SOURCE_LIKE.count(b"=") + SOURCE_LIKE.count(b":") > redact._MAX_SEPARATORS
+
+    redacted = redactBytes(SOURCE_LIKE)
+
+    for _, expected in LABELLED:
+        assert expected in redacted
+    assert b"value_39 = compute(39)  # ratio: 39:1\n" in redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"".join(text + b" ; " for text, _ in LABELLED),
+        b"password    \t  =  hunter2hunter2 and token:: abcdefgh",
+        b"xpassword=abcdefgh api_key=abcdefgh accesskey :abcdefgh my-secret=abcdefgh",
+        SOURCE_LIKE,
+        b"=:" * 40 + b"token=abcdefgh",
+    ],
+)
+def test_separator_search_matches_label_search(text: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Looking back from each separator must find what searching for every
+    # label word finds; a limit of 0 forces the label search.
+    found = redactBytes(text)
+    monkeypatch.setattr(redact, "_MAX_SEPARATORS", 0)
+
+    assert redactBytes(text) == found
 
 
 def test_key_block_held_until_end() -> None:
