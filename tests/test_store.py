@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 
@@ -10,7 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from coven.records import SessionRecord, utcnow
-from coven.store import SCHEMA_VERSION, Store, StoreSchemaError, openDatabase
+from coven.store import PAGE_SIZE, SCHEMA_VERSION, Store, StoreSchemaError, openDatabase
 
 
 def sessionRecord(sessionId: str) -> SessionRecord:
@@ -109,3 +110,53 @@ async def test_unstorable_record_dropped_alone(databasePath: str) -> None:
     assert failure is not None
     assert [event.payload_json for event in page.events] == ['{"data":"before"}', '{"data":"after"}']
     assert store.writable
+
+
+def test_new_database_page_size(databasePath: str, tmp_path: object) -> None:
+    openDatabase(databasePath)
+    older = os.path.join(str(tmp_path), "older.sqlite3")
+    with sqlite3.connect(older) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    openDatabase(older)
+
+    with sqlite3.connect(databasePath) as connection:
+        newSize = connection.execute("PRAGMA page_size").fetchone()[0]
+    with sqlite3.connect(older) as connection:
+        olderSize = connection.execute("PRAGMA page_size").fetchone()[0]
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+    # A database that already has pages keeps its page size and still opens.
+    assert (newSize, olderSize, version) == (PAGE_SIZE, 4096, SCHEMA_VERSION)
+
+
+# Output texts with everything JSON escapes: quotes, backslashes, every control
+# character, NUL, DEL, non-ASCII, astral and line-separator characters.
+AWKWARD_TEXTS = [
+    "plain",
+    '"quoted" and \\back\\slashed',
+    "".join(chr(code) for code in range(32)) + "\x7f",
+    "\x1b[38;5;245m\u2502\x1b[0m caf\u00e9 \u65e5\u672c \U0001f600 \u2028\u2029 \ufffd",
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_payload_json_matches_python(databasePath: str) -> None:
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    try:
+        await store.insertSession(sessionRecord("s"))
+        for text in AWKWARD_TEXTS:
+            # Separate transactions, so each text is one output event.
+            store.appendOutput("s", text, None, len(text.encode("utf-8")))
+            await store.flush()
+        store.appendOutput("s", "bad \ufffd", b"bad \xff", 5)
+        await store.flush()
+        page = await store.readEvents("s", 0, 100)
+    finally:
+        await store.stopService()
+
+    expected = [
+        json.dumps({"data": text}, separators=(",", ":"), ensure_ascii=False) for text in AWKWARD_TEXTS
+    ]
+    expected.append('{"data":"bad \ufffd","raw":"YmFkIP8="}')
+    assert [event.payload_json for event in page.events] == expected
