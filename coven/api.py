@@ -564,20 +564,21 @@ class CovenAPI:
         # between the read and the wait still wakes this request.
         wakeUp = self.store.waitForEvents(sessionId) if waitMs else None
         try:
-            page = await self.store.readEvents(sessionId, cursor, limit)
+            page = await self.store.readEventsJSON(sessionId, cursor, limit)
             if page is None:
                 raise SessionNotFound(sessionId=sessionId)
-            if not page.events and wakeUp is not None:
+            if not page.count and wakeUp is not None:
                 await self._waitFor(wakeUp, waitMs / 1000)
                 wakeUp = None
-                page = await self.store.readEvents(sessionId, cursor, limit)
+                page = await self.store.readEventsJSON(sessionId, cursor, limit)
                 if page is None:
                     raise SessionNotFound(sessionId=sessionId)
         finally:
             if wakeUp is not None:
                 wakeUp.cancel()
                 wakeUp.addErrback(lambda failure: failure.trap(defer.CancelledError))
-        return self._json(request, page.toJSON())
+        request.setHeader(b"Content-Type", b"application/json")
+        return page.body
 
     async def _waitFor(self, wakeUp: defer.Deferred[None], seconds: float) -> None:
         timer = self._reactor.callLater(seconds, wakeUp.cancel)

@@ -102,3 +102,17 @@ class EventPage:
             "nextCursor": nextCursor,
             "hasMore": self.hasMore,
         }
+
+
+@attrs.frozen
+class RenderedEventPage:
+    """
+    An event page already encoded as the JSON body of C{GET /api/v1/events}:
+    the same bytes L{EventPage.toJSON} gives, built by SQLite.
+
+    @ivar body: the UTF-8 JSON body.
+    @ivar count: how many events it holds.
+    """
+
+    body: bytes
+    count: int

@@ -10,6 +10,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from coven import store as storeModule
+from coven.api import jsonBytes
 from coven.records import SessionRecord, utcnow
 from coven.store import PAGE_SIZE, SCHEMA_VERSION, Store, StoreSchemaError, openDatabase
 
@@ -160,3 +162,64 @@ async def test_output_payload_json_matches_python(databasePath: str) -> None:
     ]
     expected.append('{"data":"bad \ufffd","raw":"YmFkIP8="}')
     assert [event.payload_json for event in page.events] == expected
+
+
+async def _storeWithEvents(
+    databasePath: str, sessionId: str, sizes: list[int], filler: str = "\x1b\"\\\n"
+) -> Store:
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    await store.insertSession(sessionRecord(sessionId))
+    for number, size in enumerate(sizes):
+        text = (f"{number:06d}" + filler * size)[:size]
+        store.appendOutput(sessionId, text, None, size)
+        await store.flush()
+    await store.appendEvent(sessionId, "exit", {"exitCode": 0, "signal": None, "status": "completed"}, wait=True)
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_rendered_page_matches_event_page(databasePath: str) -> None:
+    store = await _storeWithEvents(databasePath, "s", [10, 200, 3000])
+    try:
+        pages = [
+            (await store.readEvents("s", afterSeq, limit), await store.readEventsJSON("s", afterSeq, limit))
+            for afterSeq, limit in [(0, 1000), (0, 2), (2, 1), (3, 1000), (99, 10)]
+        ]
+        missing = await store.readEventsJSON("nope", 0, 10)
+    finally:
+        await store.stopService()
+
+    for page, rendered in pages:
+        assert rendered.body == jsonBytes(page.toJSON())
+        assert rendered.count == len(page.events)
+    assert [rendered.count for _, rendered in pages] == [4, 2, 1, 1, 0]
+    assert missing is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_rendered_pages_stop_at_size(databasePath: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storeModule, "MAX_PAGE_CHARS", 5000)
+    # Two small events fit one page; the 6,000-character event goes alone on
+    # its page, over the limit, because a page always contains one event.
+    store = await _storeWithEvents(databasePath, "s", [1000, 1000, 6000, 1000, 4000], filler="x")
+    try:
+        pages = []
+        cursor = 0
+        while True:
+            rendered = await store.readEventsJSON("s", cursor, 1000)
+            page = json.loads(rendered.body)
+            pages.append(page)
+            if not page["hasMore"]:
+                break
+            cursor = page["nextCursor"]["afterSeq"]
+        whole = await store.readEvents("s", 0, 1000)
+    finally:
+        await store.stopService()
+
+    assert [len(page["events"]) for page in pages] == [2, 1, 1, 2]
+    assert [event["seq"] for page in pages for event in page["events"]] == [
+        event.seq for event in whole.events
+    ]
+    assert [page["hasMore"] for page in pages] == [True, True, True, False]
