@@ -36,7 +36,7 @@ EVENT_JSON = (
 )
 # A rendered event page ends before the event that would take it past this many
 # characters, and sets hasMore. Reading back a large burst then takes pages of a
-# few MiB instead of up to 1,000 events of 64 KiB each. A page always contains
+# few MiB instead of up to 1,000 events of up to 256 KiB each. A page always contains
 # at least one event, even a larger one.
 MAX_PAGE_CHARS = 4 * 1024 * 1024
 
