@@ -115,27 +115,22 @@ class OutputDecoder:
 # store larger pieces. A 100 MB burst ran at a median 85 MB/s with 256 KiB and
 # 73 MB/s with 64 KiB (six paired rounds, 2 vCPUs).
 MAX_READ_BYTES = 256 * 1024
-# Live PTYs share MAX_READ_BYTES, down to this many bytes each, so one reactor
-# turn over 100 busy PTYs stays short enough for requests to be served in time.
-MIN_READ_BYTES = 16 * 1024
 
 
 def drainPTY(transport: Any) -> Any:
     """
-    Read what a PTY transport holds, up to the protocol's C{readLimit}, and
-    deliver it to the protocol as one piece; a replacement for the transport's
-    C{doRead}.
+    Read what a PTY transport holds, up to L{MAX_READ_BYTES}, and deliver it to
+    the protocol as one piece; a replacement for the transport's C{doRead}.
 
     @return: what C{doRead} returns: C{None} while the PTY is open, a
         connection-lost reason once it has closed.
     """
-    limit = transport.proto.readLimit
     chunks = []
     total = 0
     result = None
-    while total < limit:
+    while total < MAX_READ_BYTES:
         try:
-            data = os.read(transport.fd, limit)
+            data = os.read(transport.fd, MAX_READ_BYTES)
         except OSError as error:
             if error.errno not in (errno.EAGAIN, errno.EINTR):
                 result = CONNECTION_LOST
@@ -184,13 +179,6 @@ class HarnessProtocol(ProcessProtocol):
         self.ptyClosed = False
         self.bytesRead = 0
         self.pid: int | None = None
-
-    @property
-    def readLimit(self) -> int:
-        """
-        The number of bytes one wake-up of the reactor reads from this PTY.
-        """
-        return max(MIN_READ_BYTES, MAX_READ_BYTES // max(1, self._store.producerCount))
 
     def connectionMade(self) -> None:
         # Twisted clears transport.pid once the process is reaped, which for a

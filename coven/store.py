@@ -399,13 +399,6 @@ class Store(Service):
                 producer.resumeProducing()
 
     @property
-    def producerCount(self) -> int:
-        """
-        The number of producers registered, one per live PTY.
-        """
-        return len(self._producers)
-
-    @property
     def producersPaused(self) -> bool:
         return self._producersPaused
 

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import os
 import termios
-from typing import Any
 
 import pytest
 
-from coven.pty import MAX_READ_BYTES, MIN_READ_BYTES, HarnessProtocol, drainPTY
-
-
-class CountingStore:
-    """
-    The part of the store a HarnessProtocol uses before any output.
-    """
-
-    def __init__(self, producerCount: int) -> None:
-        self.producerCount = producerCount
+from coven import pty
+from coven.pty import drainPTY
 
 
 class Receiver:
@@ -25,8 +16,7 @@ class Receiver:
     A protocol that records what drainPTY delivers.
     """
 
-    def __init__(self, readLimit: int) -> None:
-        self.readLimit = readLimit
+    def __init__(self) -> None:
         self.pieces: list[bytes] = []
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -34,22 +24,13 @@ class Receiver:
 
 
 class Transport:
-    def __init__(self, fd: int, proto: Any) -> None:
+    def __init__(self, fd: int, proto: Receiver) -> None:
         self.fd = fd
         self.proto = proto
 
 
-@pytest.mark.parametrize(
-    "live, expected",
-    [(0, MAX_READ_BYTES), (1, MAX_READ_BYTES), (4, MAX_READ_BYTES // 4), (100, MIN_READ_BYTES)],
-)
-def test_read_limit_shared(live: int, expected: int) -> None:
-    protocol = HarnessProtocol("s", CountingStore(live), reactor=None)  # type: ignore[arg-type]
-
-    assert protocol.readLimit == expected
-
-
-def test_drain_stops_at_limit() -> None:
+def test_drain_stops_at_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pty, "MAX_READ_BYTES", 8 * 1024)
     master, slave = os.openpty()
     try:
         attributes = termios.tcgetattr(slave)
@@ -62,19 +43,17 @@ def test_drain_stops_at_limit() -> None:
         written = bytes(range(32, 96)) * 256
         for start in range(0, len(written), 1024):
             os.write(slave, written[start : start + 1024])
-        receiver = Receiver(readLimit=8 * 1024)
+        receiver = Receiver()
         transport = Transport(master, receiver)
 
-        first = drainPTY(transport)
-        second = drainPTY(transport)
-        third = drainPTY(transport)
+        results = [drainPTY(transport) for _ in range(3)]
     finally:
         os.close(master)
         os.close(slave)
 
     # One read returns at most what the PTY buffers (about 4 KiB), so the first
     # wake-up ends after the read that reaches the limit.
-    assert (first, second, third) == (None, None, None)
+    assert results == [None, None, None]
     assert 8 * 1024 <= len(receiver.pieces[0]) < len(written)
     assert b"".join(receiver.pieces) == written
     assert len(receiver.pieces) == 2
