@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import sqlite3
@@ -111,6 +112,22 @@ class StoreSchemaError(Exception):
     """
     The database file was written by a newer Coven or is not a Coven database.
     """
+
+
+@functools.cache
+def sqliteHasJSON() -> bool:
+    """
+    Return whether the linked SQLite has its JSON functions, built in since
+    SQLite 3.38 and an optional extension before.
+    """
+    connection = sqlite3.connect(":memory:")
+    try:
+        connection.execute("SELECT json_object('a', 1)")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        connection.close()
+    return True
 
 
 def _configureConnection(connection: sqlite3.Connection) -> None:
@@ -295,6 +312,9 @@ class Store(Service):
         """
         self.path = path
         self._reactor = reactor
+        # Without SQLite's JSON functions, payloads and event pages are
+        # encoded in Python instead, which holds the GIL.
+        self.sqliteJSON = sqliteHasJSON()
         self._poolFactory = poolFactory or self._adbapiPool
         self._writer: adbapi.ConnectionPool | None = None
         self._reader: adbapi.ConnectionPool | None = None
@@ -334,6 +354,12 @@ class Store(Service):
         """
         Prepare the database file; see L{openDatabase}.
         """
+        if not self.sqliteJSON:
+            log.warn(
+                "SQLite {version} has no JSON functions; output is encoded in Python,"
+                " which makes large bursts slower",
+                version=sqlite3.sqlite_version,
+            )
         return openDatabase(self.path)
 
     def _adbapiPool(self, connections: int) -> adbapi.ConnectionPool:
@@ -505,7 +531,7 @@ class Store(Service):
             return
         batch = self._takeBatch()
         self._inFlight = True
-        d = self._writer.runInteraction(_writeBatch, batch)
+        d = self._writer.runInteraction(_writeBatch, batch, self.sqliteJSON)
         d.addCallbacks(
             self._batchCommitted,
             self._batchFailed,
@@ -687,13 +713,16 @@ class Store(Service):
         about L{MAX_PAGE_CHARS} of events.
         """
 
+        sqliteJSON = self.sqliteJSON
+
         def query(cursor: sqlite3.Cursor) -> RenderedEventPage | None:
             cursor.execute("SELECT 1 FROM sessions WHERE id = ?", (sessionId,))
             if cursor.fetchone() is None:
                 return None
 
+            columns = f"seq, {EVENT_JSON}" if sqliteJSON else EVENT_COLUMNS
             cursor.execute(
-                f"SELECT seq, {EVENT_JSON} FROM events WHERE session_id = ? AND seq > ?"
+                f"SELECT {columns} FROM events WHERE session_id = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (sessionId, afterSeq, limit + 1),
             )
@@ -705,7 +734,9 @@ class Store(Service):
             # load every one of its up to 1,001 rows.
             rows = cursor.fetchmany(16)
             while rows and not hasMore:
-                for seq, text in rows:
+                for row in rows:
+                    seq = row[0]
+                    text = row[1] if sqliteJSON else _encodePayload(Event(*row).toJSON())
                     if len(events) == limit or (events and size + len(text) > MAX_PAGE_CHARS):
                         hasMore = True
                         break
@@ -764,7 +795,9 @@ class Store(Service):
                 waiter.callback(None)
 
 
-def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str]]:
+def _writeBatch(
+    cursor: sqlite3.Cursor, batch: list[_Op], sqliteJSON: bool = True
+) -> list[tuple[_Op, str]]:
     """
     Write C{batch} in one transaction, in queue order, in the writer thread.
 
@@ -774,11 +807,12 @@ def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str
     batch is then written one record at a time and only such records are left
     out.
 
+    @param sqliteJSON: build output payloads with SQLite's json_object.
     @return: the records left out, each with the reason.
     """
     cursor.execute("BEGIN IMMEDIATE")
     try:
-        _writeOps(cursor, batch)
+        _writeOps(cursor, batch, sqliteJSON)
         cursor.execute("COMMIT")
         return []
     except sqlite3.OperationalError:
@@ -793,7 +827,7 @@ def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str
         for op in batch:
             cursor.execute("SAVEPOINT record")
             try:
-                _writeOps(cursor, [op])
+                _writeOps(cursor, [op], sqliteJSON)
             except sqlite3.OperationalError:
                 raise
             except Exception as error:
@@ -820,13 +854,13 @@ _INSERT_OUTPUT = (
 )
 
 
-def _writeOps(cursor: sqlite3.Cursor, batch: list[_Op]) -> None:
+def _writeOps(cursor: sqlite3.Cursor, batch: list[_Op], sqliteJSON: bool) -> None:
     # Consecutive rows of one statement go to SQLite together, in queue order.
     sql: str | None = None
     rows: list[tuple[Any, ...]] = []
     for op in batch:
         if isinstance(op, _OutputWrite):
-            if any(raw is not None for raw in op.raws):
+            if not sqliteJSON or any(raw is not None for raw in op.raws):
                 statement = _INSERT_EVENT
                 row: tuple[Any, ...] = (
                     op.id, op.sessionId, "output", _encodePayload(op.payload()), op.createdAt

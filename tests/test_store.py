@@ -140,9 +140,12 @@ AWKWARD_TEXTS = [
 ]
 
 
+@pytest.mark.parametrize("sqliteJSON", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_output_payload_json_matches_python(databasePath: str) -> None:
+async def test_output_payload_json_matches_python(databasePath: str, sqliteJSON: bool) -> None:
     store = Store(databasePath, reactor)
+    # False is the path for an SQLite built without its JSON functions.
+    store.sqliteJSON = sqliteJSON
     store.open()
     store.startService()
     try:
@@ -165,9 +168,14 @@ async def test_output_payload_json_matches_python(databasePath: str) -> None:
 
 
 async def _storeWithEvents(
-    databasePath: str, sessionId: str, sizes: list[int], filler: str = "\x1b\"\\\n"
+    databasePath: str,
+    sessionId: str,
+    sizes: list[int],
+    filler: str = "\x1b\"\\\n",
+    sqliteJSON: bool = True,
 ) -> Store:
     store = Store(databasePath, reactor)
+    store.sqliteJSON = sqliteJSON
     store.open()
     store.startService()
     await store.insertSession(sessionRecord(sessionId))
@@ -179,9 +187,10 @@ async def _storeWithEvents(
     return store
 
 
+@pytest.mark.parametrize("sqliteJSON", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_rendered_page_matches_event_page(databasePath: str) -> None:
-    store = await _storeWithEvents(databasePath, "s", [10, 200, 3000])
+async def test_rendered_page_matches_event_page(databasePath: str, sqliteJSON: bool) -> None:
+    store = await _storeWithEvents(databasePath, "s", [10, 200, 3000], sqliteJSON=sqliteJSON)
     try:
         pages = [
             (await store.readEvents("s", afterSeq, limit), await store.readEventsJSON("s", afterSeq, limit))
@@ -223,3 +232,9 @@ async def test_rendered_pages_stop_at_size(databasePath: str, monkeypatch: pytes
         event.seq for event in whole.events
     ]
     assert [page["hasMore"] for page in pages] == [True, True, True, False]
+
+
+def test_sqlite_has_json() -> None:
+    # The SQLite that CI links has its JSON functions, so the fast path is the
+    # one tested end to end.
+    assert storeModule.sqliteHasJSON()
