@@ -246,7 +246,12 @@ def terminalSize() -> tuple[int, int] | None:
 async def runCommand(reactor: Any, client: CovenClient, args: argparse.Namespace) -> int:
     if args.json and not args.detach:
         raise UsageError("--json prints the launched session and needs --detach.")
-    currentFolder = os.getcwd()
+    try:
+        currentFolder = os.getcwd()
+    except FileNotFoundError:
+        raise UsageError(
+            "The current folder no longer exists; change to a project folder and run again."
+        ) from None
     size = terminalSize()
     session = await client.launch(
         projectRoot(currentFolder),

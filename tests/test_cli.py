@@ -193,6 +193,26 @@ def test_usage_errors_exit_code_2(emptyHome):
 # Sessions
 
 
+def test_run_from_deleted_folder(cliDaemon):
+    script = (
+        'mkdir gone && cd gone && rmdir "$PWD" && exec "$0" run fake "print x" --detach'
+    )
+    result = subprocess.run(
+        ["sh", "-c", script, COVEN],
+        env=covenEnvironment(cliDaemon.home),
+        cwd=cliDaemon.project,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        "coven: The current folder no longer exists; change to a project folder and run again.\n"
+    )
+
+
 def test_run_detach_in_git_project(cliDaemon):
     repository = os.path.join(cliDaemon.project, "repo")
     folder = os.path.join(repository, "src")
