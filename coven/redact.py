@@ -4,72 +4,54 @@ from __future__ import annotations
 
 import re
 
-# Each kind of secret: its name, the literal markers one of which every such
-# secret contains, and its pattern. A pattern starts with its literal part so
-# the regex engine can search for it quickly. The check that no token character
-# comes before it is therefore a lookbehind placed after that literal. Secrets
-# are ASCII, so matching bytes before UTF-8 decoding keeps text and raw bytes
-# consistent.
-_TOKEN_KINDS: tuple[tuple[str, tuple[bytes, ...], bytes], ...] = (
+# Each kind of secret: its name, its gate and its pattern. The gate is a string
+# every such secret contains. Looking for one byte runs at memory speed, so a
+# kind whose gate is absent costs almost nothing, and the two kinds that start
+# with "sk-" share that search. A pattern starts with its literal part so the
+# regex engine can search for it quickly, faster than a search for each marker
+# of the kind would. The check that no token character comes before it is
+# therefore a lookbehind placed after that literal. Secrets are ASCII, so
+# matching bytes before UTF-8 decoding keeps text and raw bytes consistent.
+_TOKEN_KINDS: tuple[tuple[str, bytes, bytes], ...] = (
     (
         "private-key",
-        (b"PRIVATE KEY",),
+        b"P",
         rb"-----BEGIN[A-Z0-9 ]{0,40} PRIVATE KEY-----.*?-----END[A-Z0-9 ]{0,40} PRIVATE KEY-----",
     ),
-    ("anthropic", (b"sk-ant-",), rb"sk-ant-(?<![A-Za-z0-9_-]sk-ant-)[A-Za-z0-9_-]{16,}"),
-    ("openai", (b"sk-",), rb"sk-(?<![A-Za-z0-9_-]sk-)(?!ant-)(?:proj-)?[A-Za-z0-9_-]{20,}"),
+    ("anthropic", b"sk-", rb"sk-ant-(?<![A-Za-z0-9_-]sk-ant-)[A-Za-z0-9_-]{16,}"),
+    ("openai", b"sk-", rb"sk-(?<![A-Za-z0-9_-]sk-)(?!ant-)(?:proj-)?[A-Za-z0-9_-]{20,}"),
     (
         "github",
-        (b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_"),
+        b"_",
         rb"g(?<![A-Za-z0-9_]g)(?:h[pousr]_[A-Za-z0-9]{30,}|ithub_pat_[A-Za-z0-9_]{30,})",
     ),
-    (
-        "aws-access-key-id",
-        (b"AKIA", b"ASIA", b"ABIA", b"ACCA"),
-        rb"A(?<![A-Z0-9]A)(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])",
-    ),
-    ("slack", (b"xox",), rb"xox(?<![A-Za-z0-9-]xox)[abposre]-[A-Za-z0-9-]{10,}"),
+    ("aws-access-key-id", b"A", rb"A(?<![A-Z0-9]A)(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])"),
+    ("slack", b"-", rb"xox(?<![A-Za-z0-9-]xox)[abposre]-[A-Za-z0-9-]{10,}"),
     (
         "jwt",
-        (b"eyJ",),
+        b"J",
         rb"eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
     ),
 )
+_TOKEN_PATTERNS = [
+    (gate, re.compile(pattern, re.DOTALL), b"[REDACTED:" + kind.encode() + b"]")
+    for kind, gate, pattern in _TOKEN_KINDS
+]
 # Secrets known by the label before them. The label (group "keep") stays in the
-# output; only the value becomes [REDACTED:kind]. These patterns are tried only
-# where a lower-cased label word occurs.
-_LABELLED_KINDS: tuple[tuple[str, tuple[bytes, ...], bytes], ...] = (
-    ("bearer", (b"bearer",), rb"(?P<keep>(?<![A-Za-z0-9])(?i:bearer)[ \t]+)[A-Za-z0-9._~+/=-]{12,}"),
-    (
-        "assignment",
-        (b"passw", b"token", b"secret", b"key"),
-        rb"(?P<keep>(?<![A-Za-z0-9])(?i:(?:password|passwd|token|secret|api[_-]?key|access[_-]?key)"
-        rb"[ \t]*[=:][ \t]*))(?:\"[^\"\n]{4,}\"|'[^'\n]{4,}'|[^\s\"']{4,})",
-    ),
+# output, and only the value becomes [REDACTED:bearer] or [REDACTED:assignment].
+_BEARER_PATTERN = re.compile(
+    rb"(?P<keep>(?<![A-Za-z0-9])(?i:bearer)[ \t]+)[A-Za-z0-9._~+/=-]{12,}"
 )
+_BEARER_LABEL = b"[REDACTED:bearer]"
+_ASSIGNMENT_PATTERN = re.compile(
+    rb"(?P<keep>(?<![A-Za-z0-9])(?i:(?:password|passwd|token|secret|api[_-]?key|access[_-]?key)"
+    rb"[ \t]*[=:][ \t]*))(?:\"[^\"\n]{4,}\"|'[^'\n]{4,}'|[^\s\"']{4,})"
+)
+_ASSIGNMENT_LABEL = b"[REDACTED:assignment]"
 # Offsets, before the word that finds a label, at which the label may start:
 # "key" ends api_key, apikey, access_key and accesskey.
 _LABEL_LEADS = {b"key": (7, 6, 4, 3)}
 
-# What every secret of the kind contains. Looking for one byte runs at memory
-# speed, so a kind whose byte is absent costs almost nothing. The two kinds
-# that start with "sk-" share that search.
-_GATES = {
-    "private-key": b"P",
-    "anthropic": b"sk-",
-    "openai": b"sk-",
-    "github": b"_",
-    "aws-access-key-id": b"A",
-    "slack": b"-",
-    "jwt": b"J",
-}
-_TOKEN_PATTERNS = [
-    (_GATES[kind], re.compile(pattern, re.DOTALL), b"[REDACTED:" + kind.encode() + b"]")
-    for kind, _, pattern in _TOKEN_KINDS
-]
-_BEARER_PATTERN, _ASSIGNMENT_PATTERN = (
-    (re.compile(pattern), b"[REDACTED:" + kind.encode() + b"]") for kind, _, pattern in _LABELLED_KINDS
-)
 # The labels of an assignment, lower-cased: the words its pattern accepts
 # before the "=" or ":".
 _ASSIGNMENT_LABELS = (
@@ -77,12 +59,12 @@ _ASSIGNMENT_LABELS = (
     b"access_key", b"access-key", b"accesskey",
 )
 _BLANKS = b" \t"
-# The words that find a label, lower-cased; see _LABEL_LEADS.
+# The words that find a label, lower-cased (see _LABEL_LEADS).
 _ASSIGNMENT_WORDS = (b"passw", b"token", b"secret", b"key")
 _KEYWORDS = (b"bearer", *_ASSIGNMENT_WORDS)
 # Up to this many "=" and ":" in one piece of output, assignments are looked for
-# back from each of them; past it, output such as source code is searched for
-# the label words instead.
+# back from each of them. Past it, as in source code, the label words are
+# searched for instead.
 _MAX_SEPARATORS = 32
 
 
@@ -92,8 +74,6 @@ def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
     order and not overlapping.
     """
     found: list[tuple[int, int, bytes]] = []
-    # Each token pattern starts with a literal, which the regex engine finds
-    # faster than a search for each of the kind's markers would.
     hasSk = b"-" in data and b"sk-" in data
     for gate, pattern, label in _TOKEN_PATTERNS:
         if not (hasSk if gate == b"sk-" else gate in data):
@@ -102,12 +82,11 @@ def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
             found.append((match.start(), match.end(), label))
 
     lowered = data.lower()
-    pattern, label = _BEARER_PATTERN
     position = lowered.find(b"bearer")
     while position != -1:
-        match = pattern.match(data, position)
+        match = _BEARER_PATTERN.match(data, position)
         if match is not None:
-            found.append((match.end("keep"), match.end(), label))
+            found.append((match.end("keep"), match.end(), _BEARER_LABEL))
         position = lowered.find(b"bearer", position + 1)
 
     if b"=" in data or b":" in data:
@@ -141,7 +120,7 @@ def _separators(data: bytes) -> list[int] | None:
 
 
 def _findAssignments(data: bytes, lowered: bytes, found: list[tuple[int, int, bytes]]) -> None:
-    pattern, label = _ASSIGNMENT_PATTERN
+    pattern, label = _ASSIGNMENT_PATTERN, _ASSIGNMENT_LABEL
     separators = _separators(data)
     if separators is None:
         for word in _ASSIGNMENT_WORDS:
