@@ -6,8 +6,8 @@ import re
 
 # Each kind of secret: its name, its gate and its pattern. The gate is a string
 # every such secret contains. Looking for one byte runs at memory speed, so a
-# kind whose gate is absent costs almost nothing, and the two kinds that start
-# with "sk-" share that search. A pattern starts with its literal part so the
+# kind whose gate is absent costs almost nothing. The two kinds that start with
+# "sk-" share that search. A pattern starts with its literal part so the
 # regex engine can search for it quickly, faster than a search for each marker
 # of the kind would. The check that no token character comes before it is
 # therefore a lookbehind placed after that literal. Secrets are ASCII, so
@@ -89,8 +89,7 @@ def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
             found.append((match.end("keep"), match.end(), _BEARER_LABEL))
         position = lowered.find(b"bearer", position + 1)
 
-    if b"=" in data or b":" in data:
-        _findAssignments(data, lowered, found)
+    _findAssignments(data, lowered, found)
 
     if not found:
         return found
