@@ -108,10 +108,11 @@ class EventPage:
 class RenderedEventPage:
     """
     An event page already encoded as the JSON body of C{GET /api/v1/events}:
-    the same bytes L{EventPage.toJSON} gives, built by SQLite.
+    the bytes that encoding L{EventPage.toJSON} gives for the same events,
+    built in the reader thread.
 
     @ivar body: the UTF-8 JSON body.
-    @ivar count: how many events it holds.
+    @ivar count: how many events it contains.
     """
 
     body: bytes

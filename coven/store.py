@@ -843,8 +843,8 @@ def _writeBatch(
 
 # SQLite's json_object builds output payloads without holding the GIL, so
 # encoding a burst does not hold up the reactor thread. It escapes text as
-# json.dumps(..., separators=(",", ":"), ensure_ascii=False) does (SQLite 3.40;
-# tests/test_store.py checks it).
+# json.dumps(..., separators=(",", ":"), ensure_ascii=False) does, which
+# tests/test_store.py checks (on SQLite 3.40).
 _INSERT_EVENT = (
     "INSERT INTO events (id, session_id, kind, payload_json, created_at) VALUES (?, ?, ?, ?, ?)"
 )

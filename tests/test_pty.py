@@ -37,8 +37,8 @@ def test_drain_stops_at_limit(monkeypatch: pytest.MonkeyPatch) -> None:
         attributes[1] &= ~termios.OPOST
         termios.tcsetattr(slave, termios.TCSANOW, attributes)
         os.set_blocking(master, False)
-        # A PTY takes about 20 KiB that nobody reads before a write blocks, and
-        # less in one write, so 16 KiB go in pieces of 1 KiB.
+        # A PTY buffers about 20 KiB of unread output before a write blocks,
+        # and less in one write, so 16 KiB go in pieces of 1 KiB.
         os.set_blocking(slave, False)
         written = bytes(range(32, 96)) * 256
         for start in range(0, len(written), 1024):

@@ -155,7 +155,7 @@ def test_many_separators_still_redacted() -> None:
 )
 def test_separator_search_matches_label_search(text: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     # Looking back from each separator must find what searching for every
-    # label word finds; a limit of 0 forces the label search.
+    # label word finds. A limit of 0 forces the label search.
     found = redactBytes(text)
     monkeypatch.setattr(redact, "_MAX_SEPARATORS", 0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sqlite3
 
 import pytest
@@ -114,9 +115,9 @@ async def test_unstorable_record_dropped_alone(databasePath: str) -> None:
     assert store.writable
 
 
-def test_new_database_page_size(databasePath: str, tmp_path: object) -> None:
+def test_new_database_page_size(databasePath: str, tmp_path: pathlib.Path) -> None:
     openDatabase(databasePath)
-    older = os.path.join(str(tmp_path), "older.sqlite3")
+    older = str(tmp_path / "older.sqlite3")
     with sqlite3.connect(older) as connection:
         connection.execute("CREATE TABLE t (x)")
     openDatabase(older)
@@ -210,7 +211,7 @@ async def test_rendered_page_matches_event_page(databasePath: str, sqliteJSON: b
 @pytest_twisted.ensureDeferred
 async def test_rendered_pages_stop_at_size(databasePath: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(storeModule, "MAX_PAGE_CHARS", 5000)
-    # Two small events fit one page; the 6,000-character event goes alone on
+    # Two small events fit one page. The 6,000-character event goes alone on
     # its page, over the limit, because a page always contains one event.
     store = await _storeWithEvents(databasePath, "s", [1000, 1000, 6000, 1000, 4000], filler="x")
     try:
