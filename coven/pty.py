@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import codecs
-import errno
-import os
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -109,48 +106,13 @@ class OutputDecoder:
         return text, consumed
 
 
-# The maximum number of bytes one wake-up of the reactor takes from a PTY. A PTY
-# returns about 4 KiB per read (24,789 reads for 100 MB in the benchmark), so
-# reading until it is empty saves a poll per read and gives the filters and the
-# store larger pieces. A 100 MB burst ran at a median 85 MB/s with 256 KiB and
-# 73 MB/s with 64 KiB (six paired rounds, 2 vCPUs).
-MAX_READ_BYTES = 256 * 1024
-
-
-def drainPTY(transport: Any) -> Any:
-    """
-    Read what a PTY transport holds, up to L{MAX_READ_BYTES}, and deliver it to
-    the protocol as one piece; a replacement for the transport's C{doRead}.
-
-    @return: what C{doRead} returns: C{None} while the PTY is open, a
-        connection-lost reason once it has closed.
-    """
-    chunks = []
-    total = 0
-    result = None
-    while total < MAX_READ_BYTES:
-        try:
-            data = os.read(transport.fd, MAX_READ_BYTES)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EINTR):
-                result = CONNECTION_LOST
-            break
-        if not data:
-            result = CONNECTION_DONE
-            break
-        chunks.append(data)
-        total += len(data)
-    if chunks:
-        transport.proto.childDataReceived(1, b"".join(chunks))
-    return result
-
-
 class HarnessProtocol(ProcessProtocol):
     """
     Turn one harness's PTY output into output events.
 
-    Output is queued in the store synchronously as it is read, so output read
-    before an input is queued before that input's event. The store pauses this
+    Output is queued in the store synchronously as it is delivered, and the
+    session manager delivers what was read before it records an input, so
+    output read before an input is queued before that input's event. The store pauses this
     transport when its write queue is full, which makes the harness block on
     write instead of losing bytes.
     """
@@ -179,12 +141,23 @@ class HarnessProtocol(ProcessProtocol):
         self.ptyClosed = False
         self.bytesRead = 0
         self.pid: int | None = None
+        self.producer: Any = None
 
     def connectionMade(self) -> None:
         # Twisted clears transport.pid once the process is reaped, which for a
         # harness that exits at once may be before spawnProcess returns.
         self.pid = self.transport.pid
-        self._store.registerProducer(self.transport)
+        self.producer = self.transport
+        self._store.registerProducer(self.producer)
+
+    def useProducer(self, producer: Any) -> None:
+        """
+        Have the store pause and resume C{producer} instead of the transport,
+        once something else reads the PTY.
+        """
+        self._store.unregisterProducer(self.producer)
+        self.producer = producer
+        self._store.registerProducer(producer)
 
     def outReceived(self, data: bytes) -> None:
         if self.finished:
@@ -236,7 +209,7 @@ class HarnessProtocol(ProcessProtocol):
             self._tailCall.cancel()
         self._record(self._drainFilters(final=True), final=True)
         self.finished = True
-        self._store.unregisterProducer(self.transport)
+        self._store.unregisterProducer(self.producer)
 
     def attach(self, onExited: Callable[[Failure], None], onEnded: Callable[[], None]) -> None:
         """
@@ -258,6 +231,6 @@ class HarnessProtocol(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ptyClosed = True
-        self._store.unregisterProducer(self.transport)
+        self._store.unregisterProducer(self.producer)
         if self._onEnded is not None:
             self._onEnded()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import signal
 import struct
@@ -27,7 +26,8 @@ from coven.errors import (
     SessionNotLive,
 )
 from coven.harnesses import HarnessRegistry, HarnessSpec
-from coven.pty import HarnessProtocol, drainPTY
+from coven.pty import HarnessProtocol
+from coven.ptyreader import PTYReader
 from coven.records import SessionRecord, utcnow
 from coven.redact import redactBytes
 from coven.store import Store
@@ -282,6 +282,7 @@ class SessionManager(Service):
         self._environ = dict(os.environ if environ is None else environ)
         self._live: dict[str, LiveSession] = {}
         self._stopping = False
+        self._ptyReader = PTYReader(reactor)
 
     # Queries
 
@@ -451,12 +452,21 @@ class SessionManager(Service):
                 except OSError:
                     pass
             raise
-        # NOTE: this replaces a method of Twisted's PTYProcess instance, which
-        # reads 8 KiB per wake-up; the replacement keeps its return contract.
+        # A fake reactor's transport has no master to read.
         if hasattr(transport, "fd"):
-            transport.doRead = functools.partial(drainPTY, transport)
+            protocol.useProducer(self._ptyReader.attach(transport))
         assert protocol.pid is not None
         return LiveSession(record, protocol, transport, protocol.pid)
+
+    @staticmethod
+    def _deliverRead(live: LiveSession) -> None:
+        """
+        Hand the output read from C{live}'s PTY so far to its protocol, which
+        queues it before anything the caller records next.
+        """
+        deliverPending = getattr(live.protocol.producer, "deliverPending", None)
+        if deliverPending is not None:
+            deliverPending()
 
     # Input and resize
 
@@ -488,6 +498,7 @@ class SessionManager(Service):
         encoded = data.encode("utf-8")
         # The harness gets the input as it is; only the stored event is redacted.
         recorded = redactBytes(encoded).decode("utf-8") if self.redact else data
+        self._deliverRead(live)
         self._store.appendEvent(sessionId, "input", {"data": recorded})
         live.transport.write(encoded)
 
@@ -612,6 +623,7 @@ class SessionManager(Service):
     def _finalize(self, live: LiveSession) -> None:
         live.finalized = True
         sessionId = live.record.id
+        self._deliverRead(live)
         live.protocol.finishOutput()
 
         assert live.exitReason is not None
@@ -661,7 +673,11 @@ class SessionManager(Service):
             if live.exitReason is None and not live.killed:
                 self._kill(live, "daemon stopping").addErrback(lambda _: None)
             waits.append(live.ended)
-        return defer.DeferredList(waits).addCallback(lambda _: None)
+
+        def stopReader(_: object) -> None:
+            self._ptyReader.stop()
+
+        return defer.DeferredList(waits).addCallback(stopReader)
 
 
 def exitStatus(reason: Failure) -> tuple[int | None, int | None]:

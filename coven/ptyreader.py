@@ -1,0 +1,334 @@
+"""Read every harness PTY in one background thread and hand the output to the reactor thread."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import threading
+from typing import Any
+
+from twisted.internet import error
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+# Maximum bytes the thread reads from one PTY before it turns to the others. A
+# PTY master returns at most about 4 KiB per read call, so this is many calls.
+MAX_READ_BYTES = 256 * 1024
+# Output read but not yet taken by the reactor thread, per PTY. Above this the
+# thread stops reading that PTY until the reactor thread catches up, so a busy
+# reactor makes the harness wait instead of filling memory.
+MAX_PENDING_BYTES = 1024 * 1024
+# Seconds stop() waits for the thread to end.
+STOP_TIMEOUT = 5.0
+
+
+class _Source:
+    """
+    One attached PTY. C{fd} is the thread's own duplicate of the master, so the
+    thread never reads a descriptor number the transport has closed and reused.
+
+    Fields marked "lock" are shared and guarded by the lock of L{PTYReader}.
+    Fields marked "thread" are used by the reader thread only, and those marked
+    "reactor" by the reactor thread only.
+    """
+
+    def __init__(self, fd: int, transport: Any) -> None:
+        self.fd = fd
+        self.transport = transport
+        self.pending: list[bytes] = []  # lock
+        self.pendingBytes = 0  # lock
+        self.ended: Failure | None = None  # lock: the reason the PTY closed
+        self.full = False  # lock: over MAX_PENDING_BYTES, not read
+        self.ready = False  # lock: in the list of sources to deliver
+        self.paused = False  # set by the reactor thread, read by both
+        self.registered = False  # thread
+        self.closed = False  # thread: fd closed
+        self.detached = False  # reactor: the transport has lost its connection
+
+
+class PTYReader:
+    """
+    Read attached PTY masters in a background thread.
+
+    A PTY master returns at most about 4 KiB per read, and a read that finds it
+    empty waits in the kernel for the PTY to refill it. In the reactor thread
+    that wait and the work on what was read (terminal queries, redaction,
+    queueing for the store) take turns; here they overlap. Everything but the
+    C{read} calls stays in the reactor thread: the protocol gets
+    C{childDataReceived} and C{connectionLost} there, in the order the bytes
+    were read.
+
+    The thread starts with the first attached PTY.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._requests: list[tuple[str, _Source | None]] = []  # (kind, source)
+        self._ready: list[_Source] = []
+        self._deliveryScheduled = False
+        self._thread: threading.Thread | None = None
+        self._epoll: Any = None
+        self._wake = -1
+        self._sources: dict[int, _Source] = {}
+
+    # Reactor thread
+
+    def attach(self, transport: Any) -> PTYReadHandle:
+        """
+        Take over reading the master of C{transport}, a Twisted PTY process
+        transport that has not read anything yet.
+
+        @return: the producer that pauses and resumes reading this PTY.
+        """
+        if self._thread is None:
+            self._start()
+        fd = os.dup(transport.fd)
+        os.set_inheritable(fd, False)
+        source = _Source(fd, transport)
+        handle = PTYReadHandle(self, source)
+
+        # NOTE: these replace methods of Twisted's PTYProcess instance. The
+        # reactor must not read the master too, and the thread's duplicate of
+        # the master is closed when the transport closes its own.
+        transport.stopReading()
+        transport.startReading = lambda: None
+        connectionLost = transport.connectionLost
+
+        def closeAndLoseConnection(reason: Failure) -> None:
+            source.detached = True
+            self._request("close", source)
+            connectionLost(reason)
+
+        transport.connectionLost = closeAndLoseConnection
+        self._request("add", source)
+        return handle
+
+    def stop(self) -> None:
+        """
+        End the thread and close what it still holds. Blocks until the thread
+        has ended, at most L{STOP_TIMEOUT} seconds.
+        """
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._request("stop", None)
+        thread.join(STOP_TIMEOUT)
+        if thread.is_alive():
+            log.error(
+                "The PTY reader thread did not stop within {timeout} s; its PTYs stay open"
+                " until the daemon exits",
+                timeout=STOP_TIMEOUT,
+            )
+            return
+        os.close(self._wake)
+
+    def _start(self) -> None:
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="coven-pty-reader", daemon=True)
+        self._thread.start()
+
+    def _request(self, kind: str, source: _Source | None) -> None:
+        with self._lock:
+            self._requests.append((kind, source))
+        os.eventfd_write(self._wake, 1)
+
+    def _deliverReady(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._deliveryScheduled = False
+            for source in ready:
+                source.ready = False
+            deliveries = [(source, *self._take(source)) for source in ready]
+        for source, data, ended, refill in deliveries:
+            if refill:
+                self._request("refill", source)
+            self._deliver(source, data, ended)
+
+    def deliverPending(self, source: _Source) -> None:
+        """
+        Hand C{source}'s output read so far to its protocol now. The end of
+        the PTY, if read, is left for the next regular delivery, so a caller
+        that records something after this call records it before the session
+        can end.
+        """
+        with self._lock:
+            data, ended, refill = self._take(source, keepEnd=True)
+        if refill:
+            self._request("refill", source)
+        self._deliver(source, data, None)
+
+    def _take(self, source: _Source, keepEnd: bool = False) -> tuple[bytes, Failure | None, bool]:
+        # Called with the lock held.
+        data = b"".join(source.pending)
+        source.pending = []
+        source.pendingBytes = 0
+        ended = None
+        if not keepEnd:
+            ended, source.ended = source.ended, None
+        refill, source.full = source.full, False
+        return data, ended, refill
+
+    def _deliver(self, source: _Source, data: bytes, ended: Failure | None) -> None:
+        if source.detached:
+            return
+        transport = source.transport
+        if data:
+            transport.proto.childDataReceived(1, data)
+        if ended is not None and not (transport.disconnected or transport.disconnecting):
+            transport.connectionLost(ended)
+
+    # Reader thread
+
+    def _run(self) -> None:
+        while True:
+            for fd, _ in self._epoll.poll():
+                if fd == self._wake:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                    if self._handleRequests():
+                        return
+                    continue
+                source = self._sources.get(fd)
+                if source is not None:
+                    try:
+                        self._read(source)
+                    except Exception:
+                        failure = Failure()
+                        self._reactor.callFromThread(
+                            log.failure,
+                            "Reading PTY {fd} failed; it is treated as closed",
+                            failure,
+                            fd=source.transport.fd,
+                        )
+                        self._end(source, Failure(error.ConnectionLost()))
+
+    def _handleRequests(self) -> bool:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        stop = False
+        for kind, source in requests:
+            if kind == "stop":
+                stop = True
+                continue
+            assert source is not None
+            if kind == "add":
+                self._sources[source.fd] = source
+                self._register(source)
+            elif kind == "pause":
+                self._unregister(source)
+            elif kind in ("resume", "refill"):
+                with self._lock:
+                    readable = not source.full and not source.paused
+                if readable:
+                    self._register(source)
+            elif kind == "close":
+                self._close(source)
+        if stop:
+            for source in list(self._sources.values()):
+                self._close(source)
+            self._epoll.close()
+        return stop
+
+    def _register(self, source: _Source) -> None:
+        if not source.closed and not source.registered:
+            self._epoll.register(source.fd, select.EPOLLIN)
+            source.registered = True
+
+    def _unregister(self, source: _Source) -> None:
+        # Unregistered rather than modified to no events: epoll reports a hung
+        # up PTY even then, and a paused PTY would wake the thread for ever.
+        if source.registered:
+            self._epoll.unregister(source.fd)
+            source.registered = False
+
+    def _close(self, source: _Source) -> None:
+        if source.closed:
+            return
+        self._unregister(source)
+        source.closed = True
+        del self._sources[source.fd]
+        os.close(source.fd)
+
+    def _read(self, source: _Source) -> None:
+        chunks = []
+        total = 0
+        ended = None
+        while total < MAX_READ_BYTES:
+            try:
+                data = os.read(source.fd, MAX_READ_BYTES)
+            except OSError as readError:
+                if readError.errno not in (errno.EAGAIN, errno.EINTR):
+                    # A master whose harness side is closed reports EIO.
+                    ended = Failure(error.ConnectionLost())
+                break
+            if not data:
+                ended = Failure(error.ConnectionDone())
+                break
+            chunks.append(data)
+            total += len(data)
+        self._queue(source, chunks, total)
+        if ended is not None:
+            self._end(source, ended)
+
+    def _end(self, source: _Source, reason: Failure) -> None:
+        self._close(source)
+        with self._lock:
+            source.ended = reason
+        self._queue(source, [], 0)
+
+    def _queue(self, source: _Source, chunks: list[bytes], size: int) -> None:
+        schedule = False
+        with self._lock:
+            if chunks:
+                source.pending.extend(chunks)
+                source.pendingBytes += size
+                if source.pendingBytes >= MAX_PENDING_BYTES:
+                    source.full = True
+            if (chunks or source.ended is not None) and not source.ready:
+                source.ready = True
+                self._ready.append(source)
+            if self._ready and not self._deliveryScheduled:
+                self._deliveryScheduled = True
+                schedule = True
+            full = source.full
+        if full:
+            self._unregister(source)
+        if schedule:
+            self._reactor.callFromThread(self._deliverReady)
+
+
+class PTYReadHandle:
+    """
+    The producer of one attached PTY: pausing it stops the thread reading that
+    PTY, so a harness that writes more blocks in its write.
+    """
+
+    def __init__(self, reader: PTYReader, source: _Source) -> None:
+        self._reader = reader
+        self._source = source
+
+    def pauseProducing(self) -> None:
+        self._source.paused = True
+        self._reader._request("pause", self._source)
+
+    def resumeProducing(self) -> None:
+        self._source.paused = False
+        self._reader._request("resume", self._source)
+
+    def stopProducing(self) -> None:
+        self._source.transport.loseConnection()
+
+    def deliverPending(self) -> None:
+        """
+        Hand the output read so far to the protocol now; see
+        L{PTYReader.deliverPending}.
+        """
+        self._reader.deliverPending(self._source)

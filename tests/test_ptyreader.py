@@ -1,0 +1,143 @@
+"""The PTY reader thread, on real PTYs with the fake harness and the real reactor."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import sys
+import termios
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+
+from coven import ptyreader
+from coven.ptyreader import PTYReader
+
+from .fake_harness import pattern
+from .support import FAKE_HARNESS, pollUntil
+
+
+class Collector(ProcessProtocol):
+    """
+    Record what a harness's PTY delivers, and on which thread.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.threads: set[str] = set()
+        self.ended: defer.Deferred[object] = defer.Deferred()
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.pieces.append(data)
+        self.threads.add(threading.current_thread().name)
+
+    def processEnded(self, reason: object) -> None:
+        self.ended.callback(reason)
+
+
+def spawn(prompt: str) -> tuple[Collector, object]:
+    collector = Collector()
+    transport = reactor.spawnProcess(
+        collector,
+        sys.executable,
+        [sys.executable, FAKE_HARNESS, prompt],
+        env=dict(os.environ),
+        usePTY=True,
+    )
+    return collector, transport
+
+
+def descriptorsTo(target: str) -> int:
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == target:
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def unreadBytes(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+@pytest.fixture
+def reader():
+    reader = PTYReader(reactor)
+    yield reader
+    reader.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_burst_delivered_whole_on_reactor_thread(reader, monkeypatch):
+    # A small limit makes the thread stop and restart reading many times.
+    monkeypatch.setattr(ptyreader, "MAX_PENDING_BYTES", 16 * 1024)
+    size = 1024 * 1024
+    collector, transport = spawn(f"burst {size}")
+    reader.attach(transport)
+
+    await pollUntil(lambda: collector.ended.called, timeout=30)
+
+    assert collector.received == pattern(size)
+    assert collector.threads == {threading.current_thread().name}
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_pty_not_read_until_resumed(reader):
+    size = 512 * 1024
+    collector, transport = spawn(f"burst {size}")
+    handle = reader.attach(transport)
+    handle.pauseProducing()
+
+    # The harness fills the PTY's read buffer (4 KiB less a byte) and then
+    # blocks in its write.
+    await pollUntil(lambda: unreadBytes(transport.fd) >= 4000, timeout=30)
+    assert collector.pieces == []
+    assert not collector.ended.called
+
+    handle.resumeProducing()
+    await pollUntil(lambda: collector.ended.called, timeout=30)
+    assert collector.received == pattern(size)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lose_connection_closes_thread_copy(reader):
+    ptys = descriptorsTo("/dev/ptmx")
+    collector, transport = spawn("sleep")
+    reader.attach(transport)
+    await pollUntil(lambda: b"ready" in collector.received, timeout=30)
+    assert descriptorsTo("/dev/ptmx") == ptys + 2
+
+    # The harness gets SIGHUP only once every copy of the master is closed.
+    transport.loseConnection()
+
+    await pollUntil(lambda: collector.ended.called, timeout=30)
+    await pollUntil(lambda: descriptorsTo("/dev/ptmx") == ptys, timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_thread_and_closes_descriptors():
+    epolls = descriptorsTo("anon_inode:[eventpoll]")
+    eventfds = descriptorsTo("anon_inode:[eventfd]")
+    reader = PTYReader(reactor)
+    collector, transport = spawn("print hi")
+    reader.attach(transport)
+    await pollUntil(lambda: collector.ended.called, timeout=30)
+    thread = reader._thread
+    assert thread is not None and thread.is_alive()
+
+    reader.stop()
+
+    assert not thread.is_alive()
+    assert b"hi" in collector.received
+    assert descriptorsTo("anon_inode:[eventpoll]") == epolls
+    assert descriptorsTo("anon_inode:[eventfd]") == eventfds
