@@ -1294,6 +1294,9 @@ def test_exit_ends_process_group(memory: MemoryDaemon) -> None:
     memory.signals.reached = True
     record, process = memory.launch()
     process.end(exitReason(0))
+    # The search for leftovers waits a turn, for the exit's commit to start.
+    assert memory.signals.calls == []
+    memory.clock.advance(0)
     term = (process.transport.pid, record["id"], signal.SIGTERM)
     assert memory.signals.calls == [term]
 
