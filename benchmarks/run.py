@@ -45,8 +45,10 @@ from harness import patternChunks  # noqa: E402
 
 MB = 1 << 20
 FINISHED_STATUSES = {"completed", "failed", "killed", "orphaned"}
-# Seconds between session status polls while waiting for an exit.
-EXIT_POLL_INTERVAL = 0.02
+# Seconds between session status polls while waiting for an exit. A poll costs
+# our daemon about 0.3 ms, and the interval adds half of itself to a measured
+# burst on average.
+EXIT_POLL_INTERVAL = 0.005
 # A long poll held at least this long (of the requested 400 ms) counts as supported.
 LONG_POLL_PROBE_MS = 400
 LONG_POLL_MIN_SECONDS = 0.3
@@ -802,11 +804,12 @@ def targets(
     ours: list[dict[str, Any]],
     theirs: list[dict[str, Any]] | None,
     raw: list[dict[str, Any]],
-) -> list[tuple[str, str, list[float], Callable[[float], bool]]]:
+) -> list[tuple[str, str, list[float], Callable[[float], bool | None]]]:
     """
-    Return (goal, target text, per-round values, check) for each target.
+    Return (goal, target text, per-round values, check) for each target. A
+    check that returns C{None} marks a figure shown without a target.
     """
-    rows: list[tuple[str, str, list[float], Callable[[float], bool]]] = []
+    rows: list[tuple[str, str, list[float], Callable[[float], bool | None]]] = []
     small, large = sizes.burstsMB[0], sizes.burstsMB[-1]
 
     def perRound(function: Callable[[int], float]) -> list[float]:
@@ -850,13 +853,26 @@ def targets(
     )
     if theirs is None:
         return rows
+    # Throughput counts the bytes a daemon recorded: a daemon that drops output
+    # would otherwise gain speed from each byte it loses. The ratio of bytes
+    # written per second is shown too, without a target.
     for n in sizes.burstsMB:
         rows.append(
             (
-                f"burst {n} MB MB/s, ours / theirs",
+                f"burst {n} MB recorded MB/s, ours / theirs",
                 ">= 1.5",
-                perRound(lambda i, n=n: ours[i][f"burst{n}_mbps"] / theirs[i][f"burst{n}_mbps"]),
+                perRound(
+                    lambda i, n=n: ours[i][f"burst{n}_recorded_mbps"] / theirs[i][f"burst{n}_recorded_mbps"]
+                ),
                 lambda v: v >= 1.5,
+            )
+        )
+        rows.append(
+            (
+                f"burst {n} MB written MB/s, ours / theirs",
+                "none",
+                perRound(lambda i, n=n: ours[i][f"burst{n}_mbps"] / theirs[i][f"burst{n}_mbps"]),
+                lambda v: None,
             )
         )
     rows.append(
@@ -952,9 +968,10 @@ def printReport(
     for goal, target, values, check in targets(sizes, results[daemons[0].name], theirs, raw):
         measured = [value for value in values if not math.isnan(value)]
         median = statistics.median(measured) if measured else math.nan
-        ratios[goal] = {"median": median, "rounds": values, "target": target, "met": check(median)}
+        met = check(median)
+        ratios[goal] = {"median": median, "rounds": values, "target": target, "met": met}
         shown = ", ".join(f"{value:.3g}" for value in values)
-        verdict = "met" if check(median) else "NOT met"
+        verdict = {True: "met", False: "NOT met", None: ""}[met]
         print(f"  {goal:<44} {median:>10.3g}  target {target:<10} {verdict:<8} [{shown}]")
 
     print()

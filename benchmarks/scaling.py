@@ -6,7 +6,7 @@ Starts our daemon like benchmarks/run.py does. For each size it runs the raw
 PTY loop and then a burst through the daemon, `--repeats` times, and prints
 the medians. The cost per MB is the slope between the smallest and the largest
 size above 1 MB. The daemon's burst time is measured the way run.py measures
-it, with a status poll every 20 ms. A last line gives the time to exit recorded
+it, with a status poll every 5 ms. A last line gives the time to exit recorded
 of a 1-byte burst with status polled back to back, which leaves out the poll
 interval.
 """
