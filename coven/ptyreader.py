@@ -193,22 +193,23 @@ class PTYReader:
                         os.eventfd_read(self._wake)
                     except BlockingIOError:
                         pass
-                    if self._handleRequests():
-                        return
+                    try:
+                        if self._handleRequests():
+                            return
+                    except Exception:
+                        self._logFailure("Handling a request of the PTY reader thread failed")
                     continue
                 source = self._sources.get(fd)
                 if source is not None:
                     try:
                         self._read(source)
                     except Exception:
-                        failure = Failure()
-                        self._reactor.callFromThread(
-                            log.failure,
-                            "Reading PTY {fd} failed; it is treated as closed",
-                            failure,
-                            fd=source.transport.fd,
-                        )
+                        self._logFailure(f"Reading PTY {source.transport.fd} failed; it is treated as closed")
                         self._end(source, Failure(error.ConnectionLost()))
+
+    def _logFailure(self, message: str) -> None:
+        failure = Failure()
+        self._reactor.callFromThread(log.failure, "{message}", failure, message=message)
 
     def _handleRequests(self) -> bool:
         with self._lock:

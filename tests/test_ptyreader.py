@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import globalLogPublisher
 
 from coven import ptyreader
 from coven.ptyreader import PTYReader
@@ -141,3 +142,26 @@ async def test_stop_ends_thread_and_closes_descriptors():
     assert b"hi" in collector.received
     assert descriptorsTo("anon_inode:[eventpoll]") == epolls
     assert descriptorsTo("anon_inode:[eventfd]") == eventfds
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_failure_ends_pty_and_logs(reader, monkeypatch):
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+
+    def failingRead(source: object) -> None:
+        raise ValueError("broken read")
+
+    monkeypatch.setattr(reader, "_read", failingRead)
+    try:
+        collector, transport = spawn("sleep")
+        reader.attach(transport)
+        # Closing the thread's copy and the transport's master hangs up the harness.
+        await pollUntil(lambda: collector.ended.called, timeout=30)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+
+    failures = [event for event in logged if event.get("log_failure") is not None]
+    assert len(failures) == 1
+    assert failures[0]["log_failure"].check(ValueError)
+    assert "treated as closed" in failures[0]["message"]
