@@ -254,6 +254,30 @@ def releaseFreeMemory() -> None:
         pass
 
 
+# The mallopt parameter that caps how many malloc arenas glibc creates.
+M_ARENA_MAX = -8
+
+
+def limitMallocArenas() -> bool:
+    """
+    Make every thread allocate from glibc's main arena.
+
+    By default glibc gives threads arenas of their own, and the freed memory
+    the PTY reader and database threads kept there was not returned by
+    L{releaseFreeMemory}. After two rounds of 20 MB and 100 MB bursts and 100
+    sessions of 1 MB, the daemon's RSS was 62 MB with one arena per thread and
+    50 MB with one arena for all, at the same burst throughput. Elsewhere than
+    glibc this does nothing.
+
+    @return: whether the limit was set.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def _currentUmask() -> int:
     umask = os.umask(0o077)
     os.umask(umask)
@@ -285,6 +309,8 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
     Build the daemon from C{twistd coven} options, taking the home's lock now so
     a second daemon fails before twistd detaches.
     """
+    # Threads start with the reactor, after this.
+    limitMallocArenas()
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
