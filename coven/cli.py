@@ -469,22 +469,24 @@ class Attachment:
         self._resizing = False
         self._resizeAgain = False
         self._savedMode: list[Any] | None = None
+        self._stopping = False
 
     async def run(self) -> str:
         """
         Attach until the session ends or the user detaches.
 
-        @return: C{"ended"} or C{"detached"}.
+        @return: C{"ended"}, C{"detached"}, or C{"stopped"} when a signal
+            stopped this command first.
         """
         interactive = self.session.status == "running" and os.isatty(0)
         copying = None
         reader = None
         previousHandler = None
-        # A SIGTERM stops the reactor while this coroutine waits, and its
-        # finally clause would then run only when garbage collection closes it
-        # at exit, so the terminal is restored before shutdown too.
+        # A SIGTERM or Ctrl-C stops the reactor while this coroutine waits, and
+        # its finally clause would then run only when garbage collection closes
+        # it at exit, so the terminal is restored before shutdown too.
         shutdownTrigger = self._reactor.addSystemEventTrigger(
-            "before", "shutdown", self._restoreTerminal
+            "before", "shutdown", self._beforeShutdown
         )
         try:
             if interactive:
@@ -497,7 +499,13 @@ class Attachment:
 
             copying = defer.Deferred.fromCoroutine(self._copyOutput())
             copying.addBoth(self._finish)
-            return await self._done
+            try:
+                return await self._done
+            except Exception:
+                # Shutting down closes the connection to the daemon.
+                if self._stopping:
+                    return "stopped"
+                raise
         finally:
             if copying is not None and not copying.called:
                 copying.cancel()
@@ -506,7 +514,13 @@ class Attachment:
             if previousHandler is not None:
                 signal.signal(signal.SIGWINCH, previousHandler)
             self._restoreTerminal()
-            self._reactor.removeSystemEventTrigger(shutdownTrigger)
+            # The reactor removes a trigger once it has fired.
+            if not self._stopping:
+                self._reactor.removeSystemEventTrigger(shutdownTrigger)
+
+    def _beforeShutdown(self) -> None:
+        self._stopping = True
+        self._restoreTerminal()
 
     def _restoreTerminal(self) -> None:
         if self._savedMode is not None:
@@ -605,6 +619,12 @@ class Attachment:
 async def attachSession(reactor: Any, client: CovenClient, session: SessionRecord) -> int:
     attachment = Attachment(reactor, client, session)
     outcome = await attachment.run()
+    if outcome == "stopped":
+        sys.stderr.write(
+            f"\r\nStopped following session {session.id}; it keeps running."
+            f" Reattach with `coven attach {session.id[:SHORT_ID_LENGTH]}`.\n"
+        )
+        return EXIT_OK
     if outcome == "detached":
         # The harness's last line may not end with a newline.
         sys.stderr.write(

@@ -492,11 +492,15 @@ def test_attach_restores_terminal_on_sigterm(cliDaemon):
         assert not termios.tcgetattr(terminal.fd)[3] & termios.ICANON
 
         terminal.kill(signal.SIGTERM)
+        readUntil(terminal, b"it keeps running", seen)
         waitUntil(lambda: not terminal.isalive(), timeout=15)
         assert termios.tcgetattr(terminal.fd)[3] & termios.ICANON
         assert termios.tcgetattr(terminal.fd)[3] & termios.ECHO
     finally:
         closeTerminal(terminal)
+    assert terminal.exitstatus == 0, bytes(seen)
+    assert b"Traceback" not in seen
+    assert f"session {sessionId}; it keeps running".encode() in seen
     assert api(cliDaemon, "GET", f"/api/v1/sessions/{sessionId}")["status"] == "running"
     api(cliDaemon, "POST", f"/api/v1/sessions/{sessionId}/kill")
 
@@ -538,6 +542,33 @@ def test_attach_without_terminal(cliDaemon):
     assert b"got: piped\r\n" in stdout
     assert stdout.endswith(b"bye\r\n")
     assert stderr == f"Session {sessionId} ended: completed, exit code 0.\n".encode()
+
+
+@pytest.mark.parametrize("signalNumber", [signal.SIGINT, signal.SIGTERM])
+def test_attach_without_terminal_stopped(cliDaemon, signalNumber):
+    sessionId = launch(cliDaemon, "echo")
+    waitForOutput(cliDaemon, sessionId, "ready")
+    attach = subprocess.Popen(
+        [COVEN, "attach", sessionId],
+        env=covenEnvironment(cliDaemon.home),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # The output so far arrives once the attach follows the session.
+        assert attach.stdout.read(len(b"ready\r\n")) == b"ready\r\n"
+        attach.send_signal(signalNumber)
+        _, stderr = attach.communicate(timeout=20)
+    finally:
+        if attach.poll() is None:
+            attach.kill()
+            attach.wait()
+    assert b"Traceback" not in stderr, stderr
+    assert attach.returncode == 0, stderr
+    assert f"Stopped following session {sessionId}; it keeps running.".encode() in stderr
+    assert api(cliDaemon, "GET", f"/api/v1/sessions/{sessionId}")["status"] == "running"
+    api(cliDaemon, "POST", f"/api/v1/sessions/{sessionId}/kill")
 
 
 # Daemon control
