@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from coven.api import CovenAPI
 from coven.harnesses import HarnessRegistry
-from coven.home import defaultHome
+from coven.home import defaultHome, socketPathProblem
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
 from coven.store import Store, StoreSchemaError
@@ -198,8 +198,12 @@ class CovenService(MultiService):
     def _listenFailed(self, failure: Any) -> None:
         log.failure("Cannot listen on {listen}", failure, listen=self.listenDescription)
         self.ready.errback(failure)
+        # A daemon that serves nothing would still hold the home's lock. Under
+        # twistd the listen fails before the reactor runs.
         if self._reactor.running:
             self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     async def _stop(self) -> None:
         if self._port is not None:
@@ -315,9 +319,16 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    if options.get("home") == "":
+        sys.stderr.write("coven: --home is empty; give a folder, or leave it out for $COVEN_HOME or ~/.coven\n")
+        raise SystemExit(2)
     home = os.path.abspath(os.path.expanduser(options.get("home") or defaultHome()))
     listen = options.get("listen") or defaultListen(home)
     service = CovenService(home, listen, reactor, killGrace=float(options.get("kill-grace") or DEFAULT_KILL_GRACE))
+    problem = socketPathProblem(service.socketPath) if service.listensOnHomeSocket else None
+    if problem is not None:
+        sys.stderr.write(f"coven: {problem}\n")
+        raise SystemExit(1)
     try:
         service.prepareHome()
     except HomeInUse as error:

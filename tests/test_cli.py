@@ -571,6 +571,18 @@ def test_attach_without_terminal_stopped(cliDaemon, signalNumber):
     api(cliDaemon, "POST", f"/api/v1/sessions/{sessionId}/kill")
 
 
+@pytest.mark.parametrize("command", [["sessions"], ["daemon", "start"]])
+def test_long_home_reported_at_once(emptyHome, command):
+    home = os.path.join(emptyHome, "h" * 120)
+
+    result = coven(home, *command, timeout=10)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"coven: The socket path {home}/coven.sock is ")
+    assert "at most 107" in result.stderr
+    assert not os.path.exists(home)
+
+
 # Daemon control
 
 

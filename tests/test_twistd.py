@@ -295,3 +295,47 @@ def test_listen_endpoint_option(home, kind):
     assert not os.path.exists(os.path.join(covenHome, "coven.sock"))
     # Only a TLS listener needs pyOpenSSL, which costs about 12 MB of RSS.
     assert loadedTLS == (kind == "ssl")
+
+
+def test_listen_failure_stops_daemon(home):
+    covenHome = os.path.join(home, "coven")
+    listen = f"unix:{os.path.join(home, 'missing', 'other.sock')}"
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome, "--listen", listen],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert "Cannot listen on" in result.stdout
+    assert not os.path.exists(os.path.join(covenHome, "daemon.json"))
+
+
+def test_long_home_rejected_before_start(home):
+    covenHome = os.path.join(home, "h" * 120)
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 1
+    assert "a Unix socket path can have at most 107" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(covenHome)
+
+
+def test_empty_home_rejected(home):
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "coven", "--home", ""],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr == "coven: --home is empty; give a folder, or leave it out for $COVEN_HOME or ~/.coven\n"
