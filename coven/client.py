@@ -435,9 +435,11 @@ class CovenClient:
         if isinstance(error, ConnectError):
             if error.osError in (errno.ENOENT, errno.ECONNREFUSED):
                 return DaemonNotRunning(self.socketPath)
-            return DaemonUnreachable(f"Cannot connect to the Coven daemon at {self.socketPath}: {error}.")
+            reason = str(error).rstrip(".")
+            return DaemonUnreachable(f"Cannot connect to the Coven daemon at {self.socketPath}: {reason}.")
         if isinstance(error, (ResponseNeverReceived, ResponseFailed)):
-            reasons = "; ".join(reason.getErrorMessage() for reason in error.reasons)
+            # Twisted's messages end with a period of their own.
+            reasons = "; ".join(reason.getErrorMessage().rstrip(".") for reason in error.reasons)
             return DaemonUnreachable(
                 f"Lost the connection to the Coven daemon at {self.socketPath}: {reasons}."
             )

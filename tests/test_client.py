@@ -12,6 +12,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -440,3 +443,16 @@ async def test_pty_spawn_failed(daemon, client):
     assert [event.kind for event in events] == ["exit"]
     assert eventPayload(events[0])["status"] == "failed"
 
+
+
+def test_transport_error_messages_end_once():
+    client = CovenClient("/tmp/coven-test-messages", reactor)
+    lost = client._transportError(ResponseFailed([Failure(ConnectionDone())]))
+    refused = client._transportError(ConnectError(string="User timeout caused connection failure."))
+
+    assert str(lost) == (
+        "Lost the connection to the Coven daemon at /tmp/coven-test-messages/coven.sock:"
+        " Connection was closed cleanly."
+    )
+    assert str(refused).endswith(": An error occurred while connecting: User timeout caused connection failure.")
+    assert not str(refused).endswith("..")
