@@ -476,7 +476,9 @@ class SessionManager(Service):
             return live
         if existing is None and live is None:
             raise SessionNotFound(sessionId=sessionId)
-        raise SessionNotLive(sessionId=sessionId)
+        if existing is None:
+            raise SessionNotLive(sessionId=sessionId)
+        raise SessionNotLive(sessionId=sessionId, status=existing.status)
 
     async def _lookup(self, sessionId: str) -> LiveSession:
         live = self._live.get(sessionId)

@@ -316,7 +316,9 @@ def test_send_kill_and_api_errors(cliDaemon):
     again = coven(cliDaemon.home, "kill", sessionId[:8], "--json")
     assert again.returncode == 1
     assert json.loads(again.stdout)["error"]["code"] == "session_not_live"
-    assert again.stderr == f"coven: Session is not live. [session_not_live; sessionId={sessionId}]\n"
+    assert again.stderr == (
+        f"coven: Session is not live. [session_not_live; sessionId={sessionId}, status=killed]\n"
+    )
 
     unknown = coven(cliDaemon.home, "show", "ffffffff-no-such-session")
     assert unknown.returncode == 1

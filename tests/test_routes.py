@@ -954,7 +954,7 @@ def test_input_not_live(memory: MemoryDaemon) -> None:
     response = memory.post(f"/api/v1/sessions/{sessionId}/input", {"data": "more\n"})
     error = checkError(response, 409, "session_not_live")
     assert error["message"] == "Session is not live."
-    assert error["details"] == {"sessionId": sessionId}
+    assert error["details"] == {"sessionId": sessionId, "status": "completed"}
 
 
 def test_input_unknown_session(memory: MemoryDaemon) -> None:
@@ -1036,7 +1036,7 @@ def test_kill_twice_not_live(memory: MemoryDaemon) -> None:
     record, _ = memory.launch()
     memory.post(f"/api/v1/sessions/{record['id']}/kill")
     error = checkError(memory.post(f"/api/v1/sessions/{record['id']}/kill"), 409, "session_not_live")
-    assert error["details"] == {"sessionId": record["id"]}
+    assert error["details"] == {"sessionId": record["id"], "status": "killed"}
     assert len(memory.signals.calls) == 1
 
 
@@ -1095,7 +1095,7 @@ def test_resize_not_live(memory: MemoryDaemon) -> None:
     sessionId = finishedSession(memory)
     response = memory.post(f"/api/v1/sessions/{sessionId}/resize", {"cols": 120, "rows": 40})
     error = checkError(response, 409, "session_not_live")
-    assert error["details"] == {"sessionId": sessionId}
+    assert error["details"] == {"sessionId": sessionId, "status": "completed"}
 
 
 def test_resize_unknown_session(memory: MemoryDaemon) -> None:
