@@ -172,7 +172,7 @@ async def _storeWithEvents(
     databasePath: str,
     sessionId: str,
     sizes: list[int],
-    filler: str = "\x1b\"\\\n",
+    filler: str = "\x1b\"\\\né😀",
     sqliteJSON: bool = True,
 ) -> Store:
     store = Store(databasePath, reactor)
@@ -210,7 +210,7 @@ async def test_rendered_page_matches_event_page(databasePath: str, sqliteJSON: b
 
 @pytest_twisted.ensureDeferred
 async def test_rendered_pages_stop_at_size(databasePath: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storeModule, "MAX_PAGE_CHARS", 5000)
+    monkeypatch.setattr(storeModule, "MAX_PAGE_BYTES", 5000)
     # Two small events fit one page. The 6,000-character event goes alone on
     # its page, over the limit, because a page always contains one event.
     store = await _storeWithEvents(databasePath, "s", [1000, 1000, 6000, 1000, 4000], filler="x")
