@@ -21,6 +21,9 @@ MAX_READ_BYTES = 256 * 1024
 # thread stops reading that PTY until the reactor thread catches up, so a busy
 # reactor makes the harness wait instead of filling memory.
 MAX_PENDING_BYTES = 1024 * 1024
+# The same limit for all PTYs together: above it, each PTY the thread reads is
+# then left alone until the reactor thread has taken its output.
+MAX_TOTAL_PENDING_BYTES = 16 * 1024 * 1024
 # Seconds stop() waits for the thread to end.
 STOP_TIMEOUT = 5.0
 
@@ -41,7 +44,7 @@ class _Source:
         self.pending: list[bytes] = []  # lock
         self.pendingBytes = 0  # lock
         self.ended: Failure | None = None  # lock: the reason the PTY closed
-        self.full = False  # lock: over MAX_PENDING_BYTES, not read
+        self.full = False  # lock: over a pending limit, not read
         self.ready = False  # lock: in the list of sources to deliver
         self.paused = False  # set by the reactor thread, read by both
         self.registered = False  # thread
@@ -70,6 +73,7 @@ class PTYReader:
         self._requests: list[tuple[str, _Source | None]] = []  # (kind, source)
         self._ready: list[_Source] = []
         self._deliveryScheduled = False
+        self._pendingBytes = 0  # lock: of all sources
         self._thread: threading.Thread | None = None
         self._epoll: Any = None
         self._wake = -1
@@ -167,6 +171,7 @@ class PTYReader:
         # Called with the lock held.
         data = b"".join(source.pending)
         source.pending = []
+        self._pendingBytes -= source.pendingBytes
         source.pendingBytes = 0
         ended = None
         if not keepEnd:
@@ -291,7 +296,11 @@ class PTYReader:
             if chunks:
                 source.pending.extend(chunks)
                 source.pendingBytes += size
-                if source.pendingBytes >= MAX_PENDING_BYTES:
+                self._pendingBytes += size
+                if (
+                    source.pendingBytes >= MAX_PENDING_BYTES
+                    or self._pendingBytes >= MAX_TOTAL_PENDING_BYTES
+                ):
                     source.full = True
             if (chunks or source.ended is not None) and not source.ready:
                 source.ready = True

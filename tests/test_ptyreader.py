@@ -93,6 +93,22 @@ async def test_burst_delivered_whole_on_reactor_thread(reader, monkeypatch):
 
 
 @pytest_twisted.ensureDeferred
+async def test_total_limit_keeps_bursts_whole(reader, monkeypatch):
+    # Over the limit for all PTYs together, each PTY waits for the reactor.
+    monkeypatch.setattr(ptyreader, "MAX_TOTAL_PENDING_BYTES", 16 * 1024)
+    sizes = [1024 * 1024, 768 * 1024]
+    spawned = [spawn(f"burst {size}") for size in sizes]
+    for _, transport in spawned:
+        reader.attach(transport)
+
+    await pollUntil(lambda: all(collector.ended.called for collector, _ in spawned), timeout=30)
+
+    for (collector, _), size in zip(spawned, sizes):
+        assert collector.received == pattern(size)
+    assert reader._pendingBytes == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_paused_pty_not_read_until_resumed(reader):
     size = 512 * 1024
     collector, transport = spawn(f"burst {size}")
