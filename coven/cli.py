@@ -31,6 +31,7 @@ from coven.client import (
     FINAL_EVENT_KINDS,
     CovenAPIError,
     CovenClient,
+    CovenClientError,
     DaemonNotRunning,
     DaemonUnreachable,
     IncompatibleDaemon,
@@ -813,6 +814,11 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
             )
         raise DaemonNotRunning(client.socketPath)
 
+    # The daemon kills its running sessions as it stops, so the user hears of them.
+    try:
+        running = sum(1 for session in await client.listSessions() if session.status == "running")
+    except CovenClientError:
+        running = 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while processAlive(pid):
@@ -822,7 +828,11 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
                 f" SIGTERM; see {os.path.join(client.home, 'coven.log')}."
             )
         await sleep(reactor, POLL_INTERVAL)
-    print(f"Coven daemon stopped (pid {pid}).")
+    killed = ""
+    if running:
+        sessions = "session" if running == 1 else "sessions"
+        killed = f" It killed {running} running {sessions} and recorded how they ended."
+    print(f"Coven daemon stopped (pid {pid}).{killed}")
     return EXIT_OK
 
 
@@ -955,7 +965,11 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             else:
                 report.warn(f"harness {entry.harness}: executable not found on the daemon's PATH")
         if harnesses and not any(entry.executable for entry in harnesses):
-            report.fail("no harness executable is on the daemon's PATH; install one, such as codex or claude")
+            report.fail(
+                "no harness executable is on the daemon's PATH; install one, such as codex or"
+                f" claude, or add one to {os.path.join(home, 'harnesses.toml')} (the README's"
+                " Harnesses section has a cat harness to try Coven with)"
+            )
     else:
         registry = HarnessRegistry(os.path.join(home, "harnesses.toml"))
         if registry.configError:

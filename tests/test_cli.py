@@ -399,6 +399,23 @@ def test_doctor(cliDaemon, emptyHome):
     assert "FAIL  Coven daemon is not running at" in missing.stdout
 
 
+def test_doctor_names_harness_file_without_executables(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    os.makedirs(home, mode=0o700)
+    with open(os.path.join(home, "harnesses.toml"), "w") as file:
+        for harness in ("codex", "claude", "copilot"):
+            file.write(f'[harnesses.{harness}]\ncommand = ["{emptyHome}/missing-{harness}"]\n')
+    started = coven(home, "daemon", "start")
+    assert started.returncode == 0, started.stderr
+    try:
+        report = coven(home, "doctor")
+    finally:
+        coven(home, "daemon", "stop")
+
+    assert "FAIL  no harness executable is on the daemon's PATH" in report.stdout
+    assert f"add one to {home}/harnesses.toml" in report.stdout
+
+
 # Attach, driven in a real terminal
 
 
@@ -586,6 +603,31 @@ def test_long_home_reported_at_once(emptyHome, command):
 
 
 # Daemon control
+
+
+def test_daemon_stop_reports_killed_sessions(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    os.makedirs(home, mode=0o700)
+    with open(os.path.join(home, "harnesses.toml"), "w") as file:
+        file.write(harnessConfig())
+    started = coven(home, "daemon", "start")
+    assert started.returncode == 0, started.stderr
+    pid = readPidfile(os.path.join(home, "coven.pid"))
+    daemon = CLIDaemon(home, os.path.join(home, "coven.sock"), emptyHome)
+    try:
+        sessionIds = [launch(daemon, "sleep") for _ in range(2)]
+        for sessionId in sessionIds:
+            waitForOutput(daemon, sessionId, "ready")
+
+        stopped = coven(home, "daemon", "stop")
+    finally:
+        if processExists(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == (
+        f"Coven daemon stopped (pid {pid}). It killed 2 running sessions and recorded how they ended.\n"
+    )
 
 
 def readPidfile(pidfile: str) -> int:
