@@ -152,7 +152,15 @@ class PTYReader:
         for source, data, ended, refill in deliveries:
             if refill:
                 self._request("refill", source)
-            self._deliver(source, data, ended)
+            # One protocol's error must not cost the other PTYs their output.
+            try:
+                self._deliver(source, data, ended)
+            except Exception:
+                log.failure(
+                    "Handling {size} bytes read from PTY {fd} failed",
+                    size=len(data),
+                    fd=source.transport.fd,
+                )
 
     def deliverPending(self, source: _Source) -> None:
         """

@@ -13,7 +13,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from coven import ptyreader
 from coven.ptyreader import PTYReader
@@ -181,3 +183,52 @@ async def test_read_failure_ends_pty_and_logs(reader, monkeypatch):
     assert len(failures) == 1
     assert failures[0]["log_failure"].check(ValueError)
     assert "treated as closed" in failures[0]["message"]
+
+
+
+class FakeTransport:
+    """
+    The parts of a PTY transport that delivery uses.
+    """
+
+    def __init__(self, proto: ProcessProtocol, fd: int) -> None:
+        self.proto = proto
+        self.fd = fd
+        self.disconnected = False
+        self.disconnecting = False
+        self.lostReasons: list[object] = []
+
+    def connectionLost(self, reason: object) -> None:
+        self.lostReasons.append(reason)
+
+
+class FailingCollector(Collector):
+    """
+    A protocol whose output handling fails.
+    """
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        raise ValueError("broken protocol")
+
+
+def test_protocol_error_spares_other_ptys():
+    reader = PTYReader(reactor)
+    failing, working = FailingCollector(), Collector()
+    sources = [ptyreader._Source(-1, FakeTransport(failing, 101)), ptyreader._Source(-1, FakeTransport(working, 102))]
+    for source in sources:
+        reader._queue(source, [b"out", b"put"], 6)
+        source.ended = Failure(ConnectionDone())
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        # One delivery hands over both PTYs' output, the failing one first.
+        reader._deliverReady()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+
+    assert working.received == b"output"
+    assert len(sources[1].transport.lostReasons) == 1
+    failures = [event for event in logged if event.get("log_failure") is not None]
+    assert len(failures) == 1
+    assert failures[0]["log_failure"].check(ValueError)
+    assert failures[0]["fd"] == 101
