@@ -538,16 +538,25 @@ def test_run_attached_until_exit(cliDaemon):
     assert re.search(rb"Session [0-9a-f-]{36} ended: completed, exit code 0\.", bytes(seen)), bytes(seen)
 
 
-def test_attach_without_terminal(cliDaemon):
-    sessionId = launch(cliDaemon, "echo")
-    waitForOutput(cliDaemon, sessionId, "ready")
+def attachWithoutTerminal(daemon: CLIDaemon) -> tuple[str, subprocess.Popen[bytes]]:
+    """
+    Launch an echo session, wait for its "ready", and start `coven attach` on
+    it with stdin from /dev/null.
+    """
+    sessionId = launch(daemon, "echo")
+    waitForOutput(daemon, sessionId, "ready")
     attach = subprocess.Popen(
         [COVEN, "attach", sessionId],
-        env=covenEnvironment(cliDaemon.home),
+        env=covenEnvironment(daemon.home),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    return sessionId, attach
+
+
+def test_attach_without_terminal(cliDaemon):
+    sessionId, attach = attachWithoutTerminal(cliDaemon)
     try:
         api(cliDaemon, "POST", f"/api/v1/sessions/{sessionId}/input", {"data": "piped\n"})
         api(cliDaemon, "POST", f"/api/v1/sessions/{sessionId}/input", {"data": "quit\n"})
@@ -565,15 +574,7 @@ def test_attach_without_terminal(cliDaemon):
 
 @pytest.mark.parametrize("signalNumber", [signal.SIGINT, signal.SIGTERM])
 def test_attach_without_terminal_stopped(cliDaemon, signalNumber):
-    sessionId = launch(cliDaemon, "echo")
-    waitForOutput(cliDaemon, sessionId, "ready")
-    attach = subprocess.Popen(
-        [COVEN, "attach", sessionId],
-        env=covenEnvironment(cliDaemon.home),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    sessionId, attach = attachWithoutTerminal(cliDaemon)
     try:
         # The output so far arrives once the attach follows the session.
         assert attach.stdout.read(len(b"ready\r\n")) == b"ready\r\n"
