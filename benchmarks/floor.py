@@ -25,7 +25,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -119,34 +118,9 @@ serviceMaker = FloorServiceMaker()
 def startFloorDaemon(pluginRoot: str, workdir: str, stage: str) -> run.Daemon:
     socketPath = os.path.join(workdir, "floor.sock")
     env = dict(os.environ, PYTHONPATH=pluginRoot)
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    logFile = open(os.path.join(workdir, "twistd.log"), "wb")
-    process = subprocess.Popen(
-        [twistd, "-n", "--pidfile=", "covenfloor", "--socket", socketPath, "--stage", stage],
-        cwd=workdir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=logFile,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return run.startTwistd(
+        f"floor-{stage}", ["covenfloor", "--socket", socketPath, "--stage", stage], workdir, env, socketPath
     )
-    logFile.close()
-    daemon = run.Daemon(f"floor-{stage}", socketPath, process.pid, process)
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"twistd exited with {process.returncode}; see {workdir}/twistd.log")
-        if os.path.exists(socketPath):
-            try:
-                status, _ = run.getJSON(socketPath, "/api/v1/health", timeout=2)
-                if status == 200:
-                    return daemon
-            except OSError:
-                pass
-        time.sleep(0.05)
-    run.stopOurDaemon(daemon)
-    raise RuntimeError(f"the {stage} daemon did not respond to a health request within 30 s; see {workdir}/twistd.log")
 
 
 def measureOnce(pluginRoot: str, stage: str) -> dict[str, float]:

@@ -269,11 +269,19 @@ def startOurDaemon(workdir: str, binDir: str, redaction: bool = True) -> Daemon:
         with open(os.path.join(home, "coven.toml"), "w") as file:
             file.write("[redaction]\nenabled = false\n")
     env = dict(os.environ, PATH=binDir + os.pathsep + os.environ.get("PATH", os.defpath))
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return startTwistd("coven-py", ["coven", "--home", home], workdir, env, os.path.join(home, "coven.sock"))
 
+
+def startTwistd(name: str, plugin: list[str], workdir: str, env: dict[str, str], socketPath: str) -> Daemon:
+    """
+    Start C{twistd -n} with the plugin and its options in C{plugin}, logging
+    to C{workdir}/twistd.log, and wait until it answers a health request on
+    C{socketPath}.
+    """
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     logFile = open(os.path.join(workdir, "twistd.log"), "wb")
     process = subprocess.Popen(
-        [twistd, "-n", "--pidfile=", "coven", "--home", home],
+        [twistd, "-n", "--pidfile=", *plugin],
         cwd=workdir,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -282,8 +290,8 @@ def startOurDaemon(workdir: str, binDir: str, redaction: bool = True) -> Daemon:
         start_new_session=True,
     )
     logFile.close()
+    daemon = Daemon(name, socketPath, process.pid, process)
 
-    socketPath = os.path.join(home, "coven.sock")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -292,12 +300,12 @@ def startOurDaemon(workdir: str, binDir: str, redaction: bool = True) -> Daemon:
             try:
                 status, _ = getJSON(socketPath, "/api/v1/health", timeout=2)
                 if status == 200:
-                    return Daemon("coven-py", socketPath, process.pid, process)
+                    return daemon
             except OSError:
                 pass
         time.sleep(0.05)
-    stopOurDaemon(Daemon("coven-py", socketPath, process.pid, process))
-    raise RuntimeError(f"our daemon did not respond to a health request within 30 s; see {workdir}/twistd.log")
+    stopOurDaemon(daemon)
+    raise RuntimeError(f"{name} did not respond to a health request within 30 s; see {workdir}/twistd.log")
 
 
 def stopOurDaemon(daemon: Daemon) -> None:
