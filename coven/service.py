@@ -243,6 +243,16 @@ def _keepInheritedSocket(port: unix.Port) -> None:
     port.connectionLost = lambda reason: tcp.Port.connectionLost(port, reason)
 
 
+def _glibcFunction(name: str) -> Any:
+    """
+    Return glibc's function C{name}, or C{None} on another C library.
+    """
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def releaseFreeMemory() -> None:
     """
     Hand memory that the allocator keeps after a burst back to the system.
@@ -251,11 +261,9 @@ def releaseFreeMemory() -> None:
     100 sessions of 1 MB this returned about 18 MB of RSS, and after start-up
     about 1 MB. Elsewhere than glibc this does nothing.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    mallocTrim = _glibcFunction("malloc_trim")
+    if mallocTrim is not None:
+        mallocTrim(0)
 
 
 # The mallopt parameter that caps how many malloc arenas glibc creates.
@@ -275,11 +283,8 @@ def limitMallocArenas() -> bool:
 
     @return: whether the limit was set.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, 1))
-    except (OSError, AttributeError):
-        return False
+    mallopt = _glibcFunction("mallopt")
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
 
 
 def _currentUmask() -> int:
