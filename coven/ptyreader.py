@@ -21,8 +21,8 @@ MAX_READ_BYTES = 256 * 1024
 # thread stops reading that PTY until the reactor thread catches up, so a busy
 # reactor makes the harness wait instead of filling memory.
 MAX_PENDING_BYTES = 1024 * 1024
-# The same limit for all PTYs together: above it, each PTY the thread reads is
-# then left alone until the reactor thread has taken its output.
+# The same limit for all PTYs together. Above it, each PTY the thread reads waits
+# until the reactor thread has taken that PTY's output.
 MAX_TOTAL_PENDING_BYTES = 16 * 1024 * 1024
 # Seconds stop() waits for the thread to end.
 STOP_TIMEOUT = 5.0
@@ -123,8 +123,8 @@ class PTYReader:
         thread.join(STOP_TIMEOUT)
         if thread.is_alive():
             log.error(
-                "The PTY reader thread did not stop within {timeout} s; its PTYs stay open"
-                " until the daemon exits",
+                "Stopping the PTY reader thread timed out after {timeout} s. Its copies of"
+                " the PTY masters stay open until the daemon exits.",
                 timeout=STOP_TIMEOUT,
             )
             return
@@ -257,8 +257,8 @@ class PTYReader:
             source.registered = True
 
     def _unregister(self, source: _Source) -> None:
-        # Unregistered rather than modified to no events: epoll reports a hung
-        # up PTY even then, and a paused PTY would wake the thread for ever.
+        # The fd is unregistered, not modified to no events, because epoll still
+        # reports a hung-up PTY, so a paused PTY would wake the thread for ever.
         if source.registered:
             self._epoll.unregister(source.fd)
             source.registered = False
@@ -325,7 +325,7 @@ class PTYReader:
 
 class PTYReadHandle:
     """
-    The producer of one attached PTY: pausing it stops the thread reading that
+    The producer of one attached PTY. Pausing it stops the thread reading that
     PTY, so a harness that writes more blocks in its write.
     """
 

@@ -448,11 +448,11 @@ async def test_pty_spawn_failed(daemon, client):
 def test_transport_error_messages_end_once():
     client = CovenClient("/tmp/coven-test-messages", reactor)
     lost = client._transportError(ResponseFailed([Failure(ConnectionDone())]))
-    refused = client._transportError(ConnectError(string="User timeout caused connection failure."))
+    connectFailure = client._transportError(ConnectError(string="User timeout caused connection failure."))
 
     assert str(lost) == (
         "Lost the connection to the Coven daemon at /tmp/coven-test-messages/coven.sock:"
         " Connection was closed cleanly."
     )
-    assert str(refused).endswith(": An error occurred while connecting: User timeout caused connection failure.")
-    assert not str(refused).endswith("..")
+    assert str(connectFailure).endswith(": An error occurred while connecting: User timeout caused connection failure.")
+    assert not str(connectFailure).endswith("..")
