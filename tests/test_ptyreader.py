@@ -95,6 +95,35 @@ async def test_burst_delivered_whole_on_reactor_thread(reader, monkeypatch):
 
 
 @pytest_twisted.ensureDeferred
+async def test_burst_whole_with_os_read(reader, monkeypatch):
+    # Where the C library's streams cannot be loaded, the thread uses os.read.
+    monkeypatch.setattr(reader, "_stdio", None)
+    monkeypatch.setattr(ptyreader, "MAX_PENDING_BYTES", 16 * 1024)
+    size = 1024 * 1024
+    collector, transport = spawn(f"burst {size}")
+    reader.attach(transport)
+
+    await pollUntil(lambda: collector.ended.called, timeout=30)
+
+    assert collector.received == pattern(size)
+
+
+@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION"), reason="needs glibc")
+@pytest_twisted.ensureDeferred
+async def test_glibc_reads_through_stream(reader):
+    collector, transport = spawn("sleep")
+    reader.attach(transport)
+    await pollUntil(lambda: b"ready" in collector.received, timeout=30)
+
+    streams = [source.stream for source in list(reader._sources.values())]
+
+    assert len(streams) == 1
+    assert streams[0] is not None
+    transport.loseConnection()
+    await pollUntil(lambda: collector.ended.called, timeout=30)
+
+
+@pytest_twisted.ensureDeferred
 async def test_total_limit_keeps_bursts_whole(reader, monkeypatch):
     # Over the limit for all PTYs together, each PTY waits for the reactor.
     monkeypatch.setattr(ptyreader, "MAX_TOTAL_PENDING_BYTES", 16 * 1024)
