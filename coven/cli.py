@@ -812,7 +812,7 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
                 " Ctrl-C in the terminal of `twistd -n coven`, `kill` with its pid, or"
                 " `systemctl --user stop coven`."
             )
-        raise DaemonNotRunning(client.socketPath)
+        raise DaemonNotRunning(client.socketPath, advice="there is nothing to stop")
 
     # The daemon kills its running sessions as it stops, so the user hears of them.
     try:

@@ -70,10 +70,11 @@ class DaemonNotRunning(CovenClientError):
     Nothing listens on the daemon's socket: the file is missing or refuses connections.
     """
 
-    def __init__(self, socketPath: str) -> None:
-        super().__init__(
-            f"Coven daemon is not running at {socketPath}; start it with `coven daemon start`"
-        )
+    def __init__(self, socketPath: str, advice: str = "start it with `coven daemon start`") -> None:
+        """
+        @param advice: what the user can do, after the socket path.
+        """
+        super().__init__(f"Coven daemon is not running at {socketPath}; {advice}")
         self.socketPath = socketPath
 
 

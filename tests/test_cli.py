@@ -179,6 +179,16 @@ def test_no_daemon_exit_code_3(emptyHome):
         assert result.stdout == ""
 
 
+def test_stop_without_daemon_nothing_to_stop(emptyHome):
+    socketPath = os.path.join(emptyHome, "coven.sock")
+
+    result = coven(emptyHome, "daemon", "stop")
+
+    assert result.returncode == 3
+    assert result.stderr == f"coven: Coven daemon is not running at {socketPath}; there is nothing to stop\n"
+    assert result.stdout == ""
+
+
 def test_usage_errors_exit_code_2(emptyHome):
     for args in ([], ["events", "abc", "--after", "x"]):
         result = coven(emptyHome, *args)
