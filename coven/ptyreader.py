@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 log = Logger()
 
 # Maximum bytes the thread reads from one PTY before it turns to the others. A
-# PTY master returns at most about 4 KiB per read call, so this is many calls.
+# PTY master returns at most about 4 KiB per read call, so this is many reads.
 MAX_READ_BYTES = 256 * 1024
 # Output read but not yet taken by the reactor thread, per PTY. Above this the
 # thread stops reading that PTY until the reactor thread catches up, so a busy
@@ -39,9 +39,10 @@ class _Stdio:
     ctypes releases the GIL for each call. An unbuffered C{fread} calls
     C{read} until it has the requested size or the PTY is empty or closed.
     A 20 MB burst then took 96 calls, 213 KiB each on average, instead of
-    some 4,500 calls of C{os.read}, each followed by a wait for the GIL while
-    the reactor and database threads held it. Through the daemon, 12 paired
-    rounds of 20 MB gave 81.4 MB/s against 72.0 with C{os.read}.
+    some 4,500 calls of C{os.read}. After each of those the thread had to
+    take the GIL again, often from the reactor or database thread. Through
+    the daemon, 12 paired rounds of 20 MB gave 81.4 MB/s against 72.0 with
+    C{os.read}.
     """
 
     def __init__(self, library: ctypes.CDLL) -> None:
@@ -62,7 +63,7 @@ class _Stdio:
     def open(self, fd: int) -> int | None:
         """
         Return an unbuffered stream that owns C{fd}, or C{None} when the C
-        library cannot make one; C{fd} then stays the caller's.
+        library cannot make one. C{fd} then stays the caller's.
         """
         stream = self.fdopen(fd, b"rb")
         if not stream:
@@ -95,7 +96,7 @@ class _Stdio:
 def _loadStdio() -> _Stdio | None:
     """
     Return the C library's stream functions, or C{None} where they cannot be
-    loaded; the thread then reads with C{os.read}.
+    loaded. The thread then reads with C{os.read}.
     """
     try:
         return _Stdio(ctypes.CDLL(None, use_errno=True))
@@ -170,7 +171,8 @@ class PTYReader:
             self._start()
         fd = os.dup(transport.fd)
         os.set_inheritable(fd, False)
-        # Reads must stop at an empty PTY; Twisted sets this on the master too.
+        # Reads must return at an empty PTY instead of waiting. Twisted sets
+        # this on the master too.
         os.set_blocking(fd, False)
         source = _Source(fd, transport)
         handle = PTYReadHandle(self, source)
@@ -362,11 +364,23 @@ class PTYReader:
     def _read(self, source: _Source) -> None:
         if source.stream is not None and self._stdio is not None:
             data, ended = self._stdio.read(source.stream, self._buffer)
-            self._queue(source, [data] if data else [], len(data))
-            if ended is not None:
-                self._end(source, ended)
-            return
-        chunks = []
+            chunks = [data] if data else []
+            total = len(data)
+        else:
+            chunks, total, ended = self._readWithOS(source)
+        self._queue(source, chunks, total)
+        if ended is not None:
+            self._end(source, ended)
+
+    def _readWithOS(self, source: _Source) -> tuple[list[bytes], int, Failure | None]:
+        """
+        Read C{source} with C{os.read} until the PTY is empty or closed, or
+        L{MAX_READ_BYTES} are in.
+
+        @return: the chunks read, their total size, and the reason the PTY
+            closed if it did.
+        """
+        chunks: list[bytes] = []
         total = 0
         ended = None
         while total < MAX_READ_BYTES:
@@ -382,9 +396,7 @@ class PTYReader:
                 break
             chunks.append(data)
             total += len(data)
-        self._queue(source, chunks, total)
-        if ended is not None:
-            self._end(source, ended)
+        return chunks, total, ended
 
     def _end(self, source: _Source, reason: Failure) -> None:
         self._close(source)

@@ -80,8 +80,12 @@ def reader():
     reader.stop()
 
 
+@pytest.mark.parametrize("stdio", [True, False], ids=["fread", "os_read"])
 @pytest_twisted.ensureDeferred
-async def test_burst_delivered_whole_on_reactor_thread(reader, monkeypatch):
+async def test_burst_delivered_whole_on_reactor_thread(reader, monkeypatch, stdio):
+    # Where the C library's streams cannot be loaded, the thread uses os.read.
+    if not stdio:
+        monkeypatch.setattr(reader, "_stdio", None)
     # A small limit makes the thread stop and restart reading many times.
     monkeypatch.setattr(ptyreader, "MAX_PENDING_BYTES", 16 * 1024)
     size = 1024 * 1024
@@ -92,20 +96,6 @@ async def test_burst_delivered_whole_on_reactor_thread(reader, monkeypatch):
 
     assert collector.received == pattern(size)
     assert collector.threads == {threading.current_thread().name}
-
-
-@pytest_twisted.ensureDeferred
-async def test_burst_whole_with_os_read(reader, monkeypatch):
-    # Where the C library's streams cannot be loaded, the thread uses os.read.
-    monkeypatch.setattr(reader, "_stdio", None)
-    monkeypatch.setattr(ptyreader, "MAX_PENDING_BYTES", 16 * 1024)
-    size = 1024 * 1024
-    collector, transport = spawn(f"burst {size}")
-    reader.attach(transport)
-
-    await pollUntil(lambda: collector.ended.called, timeout=30)
-
-    assert collector.received == pattern(size)
 
 
 @pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION"), reason="needs glibc")
