@@ -98,9 +98,19 @@ IDLE_AFTER_LOAD_DELAY = 2.0
 # 4.0 ms per MB with 4 KiB pages and 2.5 ms with 16 KiB pages (SQLite 3.40 on a
 # 2-vCPU machine). Larger pages make every small commit write more to the WAL.
 PAGE_SIZE = 16 * 1024
-# WAL pages after which a commit copies the WAL into the database (16 MiB), and
-# the size the WAL file is cut back to after that.
-WAL_AUTOCHECKPOINT_PAGES = 1024
+# The store copies the WAL into the database (a checkpoint) on a connection of
+# its own once writes pause for CHECKPOINT_DELAY seconds, if at least
+# CHECKPOINT_AFTER_BYTES were committed since the last one. Writes that never
+# pause for that long put it off by at most CHECKPOINT_MAX_DELAY seconds.
+# Before, SQLite did it in the commit that took the WAL past 16 MiB: the writer
+# thread then copied 16 MiB and waited for two fsyncs, while the burst that
+# filled the WAL waited behind it. A commit still does it past
+# WAL_AUTOCHECKPOINT_PAGES (128 MiB). When the WAL is next reused from its
+# start, the file is cut back to WAL_SIZE_LIMIT.
+CHECKPOINT_DELAY = 0.25
+CHECKPOINT_MAX_DELAY = 2.0
+CHECKPOINT_AFTER_BYTES = 1024 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 8192
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 # Seconds before a failed write transaction is tried again; the delay doubles
 # with each failure in a row, up to MAX_RETRY_DELAY.
@@ -318,6 +328,8 @@ class Store(Service):
         self._poolFactory = poolFactory or self._adbapiPool
         self._writer: adbapi.ConnectionPool | None = None
         self._reader: adbapi.ConnectionPool | None = None
+        # Built at the first checkpoint, so an idle daemon has no thread for it.
+        self._checkpointer: adbapi.ConnectionPool | None = None
 
         self._queue: deque[_Op] = deque()
         self._openOutputs: dict[str, _OutputWrite] = {}
@@ -342,6 +354,13 @@ class Store(Service):
         self.onIdleAfterLoad: Callable[[], None] | None = None
         self._bytesSinceIdle = 0
         self._idleCall: Any = None
+        # About how much the WAL grew since the last checkpoint: the output
+        # committed, and one page for each transaction.
+        self._walBytes = 0
+        self._checkpointCall: Any = None
+        self._checkpointDue: float | None = None
+        self._checkpointing = False
+        self.checkpoints = 0
 
         self._eventWaiters: dict[str, list[defer.Deferred[None]]] = {}
         self.writeFailures = 0
@@ -383,11 +402,12 @@ class Store(Service):
         self._reader = self._poolFactory(2)
 
     async def _stop(self) -> None:
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
+        for call in (self._idleCall, self._checkpointCall):
+            if call is not None and call.active():
+                call.cancel()
         await self.flush()
         self._wakeAllWaiters()
-        for pool in (self._writer, self._reader):
+        for pool in (self._writer, self._reader, self._checkpointer):
             if pool is not None:
                 pool.close()
 
@@ -559,10 +579,12 @@ class Store(Service):
         self._failureStreak = 0
         self._retryDelay = RETRY_DELAY
         woken: set[str] = set()
+        self._walBytes += PAGE_SIZE
         for op in batch:
             if isinstance(op, _OutputWrite):
                 self.pendingBytes -= op.size
                 self._bytesSinceIdle += op.size
+                self._walBytes += op.size
             if isinstance(op, (_EventWrite, _OutputWrite)):
                 woken.add(op.sessionId)
             for waiter in op.waiters:
@@ -581,6 +603,48 @@ class Store(Service):
             for waiter in idle:
                 waiter.callback(None)
             self._scheduleIdleAfterLoad()
+            self._scheduleCheckpoint()
+
+    def _scheduleCheckpoint(self) -> None:
+        if self._walBytes < CHECKPOINT_AFTER_BYTES:
+            return
+        now = self._reactor.seconds()
+        if self._checkpointDue is None:
+            self._checkpointDue = now + CHECKPOINT_MAX_DELAY
+        delay = max(0.0, min(CHECKPOINT_DELAY, self._checkpointDue - now))
+        if self._checkpointCall is not None and self._checkpointCall.active():
+            self._checkpointCall.reset(delay)
+        else:
+            self._checkpointCall = self._reactor.callLater(delay, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        # If writes are going on, the next commit that empties the queue
+        # schedules the checkpoint again. Writes during a checkpoint do not
+        # wait for it: they go on appending to the WAL.
+        self._checkpointCall = None
+        if self._queue or self._inFlight or self._checkpointing or self._writer is None:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = self._poolFactory(1)
+        self._walBytes = 0
+        self._checkpointDue = None
+        self._checkpointing = True
+        self.checkpoints += 1
+        d = self._checkpointer.runInteraction(_checkpointWAL)
+        d.addErrback(
+            lambda failure: log.warn(
+                "Copying the WAL into the database failed; it is tried again after the"
+                " next writes: {error}",
+                error=failure.getErrorMessage(),
+            )
+        )
+        d.addBoth(self._checkpointDone)
+
+    def _checkpointDone(self, _: object) -> None:
+        self._checkpointing = False
+        # Output committed while the checkpoint ran is due for the next one.
+        if not self._queue and not self._inFlight:
+            self._scheduleCheckpoint()
 
     def _scheduleIdleAfterLoad(self) -> None:
         if self.onIdleAfterLoad is None or self._bytesSinceIdle < IDLE_AFTER_LOAD_BYTES:
@@ -800,6 +864,15 @@ class Store(Service):
         for sessionWaiters in waiters.values():
             for waiter in sessionWaiters:
                 waiter.callback(None)
+
+
+def _checkpointWAL(cursor: sqlite3.Cursor) -> None:
+    """
+    Copy what the WAL contains into the database, in the checkpoint thread. A
+    passive checkpoint waits neither for the writer nor for readers; what it
+    leaves out is copied by a later one.
+    """
+    cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _writeBatch(

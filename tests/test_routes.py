@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from coven.records import SessionRecord
 from coven.sessions import DRAIN_TIMEOUT
-from coven.store import IDLE_AFTER_LOAD_DELAY
+from coven.store import CHECKPOINT_DELAY, CHECKPOINT_MAX_DELAY, IDLE_AFTER_LOAD_DELAY
 
 from .memory import (
     DAEMON_INFO,
@@ -1360,6 +1360,46 @@ def test_resize_whole_float_accepted(memory: MemoryDaemon) -> None:
 
     assert response.status == 202
     assert windowSize(process.transport.fileno()) == (120, 40)
+
+
+def test_checkpoint_waits_for_writes_to_pause(memory: MemoryDaemon) -> None:
+    record, process = memory.launch()
+    line = b"x" * 1023 + b"\n"
+
+    process.protocol.outReceived(line * 512)
+    memory.clock.advance(0)
+    memory.clock.advance(CHECKPOINT_DELAY)
+    afterHalfMiB = memory.store.checkpoints
+    process.protocol.outReceived(line * 1024)
+    memory.clock.advance(0)
+    memory.clock.advance(CHECKPOINT_DELAY * 0.8)
+    process.protocol.outReceived(line)
+    memory.clock.advance(0)
+    memory.clock.advance(CHECKPOINT_DELAY * 0.8)
+    # The last commit put the checkpoint off again.
+    whileWriting = memory.store.checkpoints
+    memory.clock.advance(CHECKPOINT_DELAY * 0.2)
+
+    assert afterHalfMiB == 0
+    assert whileWriting == 0
+    assert memory.store.checkpoints == 1
+
+
+def test_checkpoint_put_off_for_at_most_max_delay(memory: MemoryDaemon) -> None:
+    record, process = memory.launch()
+    line = b"x" * 1023 + b"\n"
+    process.protocol.outReceived(line * 2048)
+    memory.clock.advance(0)
+    started = memory.clock.seconds()
+
+    # A line every half delay never lets the writes pause for a whole delay.
+    while memory.store.checkpoints == 0 and memory.clock.seconds() - started < 3 * CHECKPOINT_MAX_DELAY:
+        process.protocol.outReceived(line)
+        memory.clock.advance(0)
+        memory.clock.advance(CHECKPOINT_DELAY / 2)
+
+    assert memory.store.checkpoints == 1
+    assert CHECKPOINT_MAX_DELAY <= memory.clock.seconds() - started <= CHECKPOINT_MAX_DELAY + CHECKPOINT_DELAY
 
 
 def test_idle_after_load_called_once(memory: MemoryDaemon) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import sqlite3
+import struct
 
 import pytest
 import pytest_twisted
@@ -15,6 +16,7 @@ from coven import store as storeModule
 from coven.api import jsonBytes
 from coven.records import SessionRecord, utcnow
 from coven.store import PAGE_SIZE, SCHEMA_VERSION, Store, StoreSchemaError, openDatabase
+from tests.support import pollUntil
 
 
 def sessionRecord(sessionId: str) -> SessionRecord:
@@ -239,3 +241,43 @@ def test_sqlite_has_json() -> None:
     # The SQLite that CI links has its JSON functions, so the fast path is the
     # one tested end to end.
     assert storeModule.sqliteHasJSON()
+
+
+def walFrames(databasePath: str) -> tuple[int, int]:
+    """
+    Return how many frames the WAL contains and how many of them are copied
+    into the database. The wal-index header in the -shm file has them as
+    mxFrame at byte 16 and nBackfill at byte 96, in native byte order.
+    """
+    with open(databasePath + "-shm", "rb") as file:
+        header = file.read(100)
+    (frames,) = struct.unpack_from("=I", header, 16)
+    (copied,) = struct.unpack_from("=I", header, 96)
+    return frames, copied
+
+
+@pytest_twisted.ensureDeferred
+async def test_wal_copied_after_writes_pause(databasePath: str) -> None:
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    text = ("x" * 1023 + "\n") * 1024
+    try:
+        await store.insertSession(sessionRecord("s"))
+        # 20 MiB: past the 16 MiB at which SQLite used to copy the WAL in a
+        # commit, while the writer thread held up the output behind it.
+        for _ in range(20):
+            store.appendOutput("s", text, None, len(text))
+        await store.flush()
+        # No reactor turn has passed since the last commit, so no timer ran.
+        afterWrites = walFrames(databasePath)
+        await pollUntil(lambda: store.checkpoints == 1 and not store._checkpointing)
+        afterPause = walFrames(databasePath)
+        page = await store.readEvents("s", 0, 1000)
+    finally:
+        await store.stopService()
+
+    assert afterWrites[0] > 16 * 1024 * 1024 // PAGE_SIZE
+    assert afterWrites[1] == 0
+    assert afterPause[1] == afterPause[0] >= afterWrites[0]
+    assert sum(len(json.loads(event.payload_json)["data"]) for event in page.events) == 20 * len(text)
