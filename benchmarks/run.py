@@ -131,6 +131,53 @@ def rssMB(pid: int) -> float:
     return math.nan if value is None else value / 1024
 
 
+def cpuSeconds(pid: int) -> float | None:
+    """
+    Return the CPU time all threads of process C{pid} have used, in seconds.
+    """
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as file:
+                    total += int(file.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    except OSError:
+        return None
+    return total / 1e9
+
+
+def waitQuiet(pid: int | None, window: float = 0.2, timeout: float = 5.0) -> float:
+    """
+    Wait until process C{pid} has used less than 2 ms of CPU in the last
+    C{window} seconds, at most C{timeout} seconds.
+
+    Our daemon copies its WAL into the database about 0.25 s after writes
+    pause. A raw PTY loop or a burst measured meanwhile would share the CPUs
+    with that copy, so each one waits for the daemon to be idle first.
+
+    @return: the seconds waited.
+    """
+    started = time.monotonic()
+    if pid is None or cpuSeconds(pid) is None:
+        return 0.0
+    samples: list[tuple[float, float]] = []  # (time, CPU seconds)
+    while time.monotonic() - started < timeout:
+        used = cpuSeconds(pid)
+        if used is None:
+            break
+        now = time.monotonic()
+        samples.append((now, used))
+        old = [sample for sample in samples if now - sample[0] >= window]
+        if old:
+            if used - old[-1][1] < 0.002:
+                break
+            samples = samples[len(old) - 1 :]
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
 _expectedDigests: dict[int, str] = {}
 
 
@@ -442,6 +489,7 @@ def measureLaunch(daemon: Daemon, project: str, count: int) -> dict[str, Any]:
 def measureBurst(daemon: Daemon, project: str, sizeMB: int) -> dict[str, Any]:
     size = sizeMB * MB
     key = f"burst{sizeMB}"
+    waitQuiet(daemon.pid)
     started = time.monotonic()
     session = launch(daemon, project, f"burst {size}")
     status, exited = waitExited(daemon, session["id"], 60 + 3 * sizeMB)
@@ -669,10 +717,12 @@ def rawPtyLoop(binDir: str, sizeMB: int) -> dict[str, Any]:
     }
 
 
-def measureRaw(figures: dict[str, Any], sizeMB: int) -> dict[str, Any]:
+def measureRaw(figures: dict[str, Any], sizeMB: int, daemonPid: int | None) -> dict[str, Any]:
     """
-    Run the raw PTY loop and add its figures to C{figures}, kept apart from the daemon's.
+    Run the raw PTY loop, once the daemon C{daemonPid} is idle, and add its
+    figures to C{figures}, kept apart from the daemon's.
     """
+    waitQuiet(daemonPid)
     figures.update(rawPtyLoop(BENCHMARKS, sizeMB))
     return {}
 
@@ -704,7 +754,7 @@ def runSuite(
     ]
     for sizeMB in sizes.burstsMB:
         if raw is not None:
-            steps.append((f"raw PTY loop {sizeMB} MB", lambda sizeMB=sizeMB: measureRaw(raw, sizeMB)))
+            steps.append((f"raw PTY loop {sizeMB} MB", lambda sizeMB=sizeMB: measureRaw(raw, sizeMB, daemon.pid)))
         steps.append((f"burst {sizeMB} MB", lambda sizeMB=sizeMB: measureBurst(daemon, project, sizeMB)))
     steps.append(
         ("output latency", lambda: measureOutputLatency(daemon, project, sizes.lines, sizes.lineIntervalMs))
