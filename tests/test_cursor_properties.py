@@ -140,8 +140,9 @@ class EventCursorMachine(RuleBasedStateMachine):
         self.pools: list[SQLitePool] = []
 
         def poolFactory(connections: int) -> SQLitePool:
-            # The store's writer is its only one-connection pool.
-            pool = SQLitePool(path, hold=connections == 1)
+            # The store builds its writer first. Only the writer's
+            # interactions wait for runNext; checkpoints run at once.
+            pool = SQLitePool(path, hold=not self.pools)
             self.pools.append(pool)
             return pool
 
