@@ -7,6 +7,8 @@ import functools
 import json
 import os
 import sqlite3
+import sys
+import threading
 import uuid
 from collections import deque
 from typing import Any, Callable, Iterable
@@ -112,6 +114,13 @@ CHECKPOINT_MAX_DELAY = 2.0
 CHECKPOINT_AFTER_BYTES = 1024 * 1024
 WAL_AUTOCHECKPOINT_PAGES = 8192
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
+# The nice value of the writer thread. A PTY read that finds the terminal's
+# buffer empty waits for the kernel worker that moves the harness's writes into
+# it: in three 20 MB bursts the PTY reader thread waited for it 5,800 times. At nice
+# 10 the writer leaves the CPUs to that worker, the harness and the reader
+# first. Two runs of thirty paired 20 MB rounds gave 86.5 against 80.4 and
+# 85.8 against 77.7 MB/s.
+WRITER_NICE = 10
 # Seconds before a failed write transaction is tried again; the delay doubles
 # with each failure in a row, up to MAX_RETRY_DELAY.
 RETRY_DELAY = 0.25
@@ -341,6 +350,8 @@ class Store(Service):
         self._retryDelay = RETRY_DELAY
         self._idleWaiters: list[defer.Deferred[None]] = []
 
+        # The writer thread's id once its priority is lowered.
+        self.writerThreadId: int | None = None
         self.pendingBytes = 0
         self.outputFlushDelay = OUTPUT_FLUSH_DELAY
         self.highWater = HIGH_WATER_BYTES
@@ -400,6 +411,17 @@ class Store(Service):
         # connections do not block it.
         self._writer = self._poolFactory(1)
         self._reader = self._poolFactory(2)
+        lowered = self._writer.runInteraction(_lowerThreadPriority, WRITER_NICE)
+        lowered.addCallbacks(self._priorityLowered, self._priorityNotLowered)
+
+    def _priorityLowered(self, threadId: int | None) -> None:
+        self.writerThreadId = threadId
+
+    def _priorityNotLowered(self, failure: Any) -> None:
+        log.warn(
+            "Could not lower the priority of the writer thread; it keeps the daemon's: {error}",
+            error=failure.getErrorMessage(),
+        )
 
     async def _stop(self) -> None:
         for call in (self._idleCall, self._checkpointCall):
@@ -864,6 +886,23 @@ class Store(Service):
         for sessionWaiters in waiters.values():
             for waiter in sessionWaiters:
                 waiter.callback(None)
+
+
+def _lowerThreadPriority(cursor: sqlite3.Cursor, nice: int) -> int | None:
+    """
+    Give the calling pool thread at least the nice value C{nice}, on Linux,
+    where a nice value belongs to one thread. The main thread is left alone,
+    because the harnesses it forks would inherit its value.
+
+    @return: the thread's id, or C{None} where nothing was changed.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is threading.main_thread():
+        return None
+    threadId = threading.get_native_id()
+    current = os.getpriority(os.PRIO_PROCESS, threadId)
+    # Lowering a nice value needs privileges, so a higher one is kept.
+    os.setpriority(os.PRIO_PROCESS, threadId, max(current, nice))
+    return threadId
 
 
 def _checkpointWAL(cursor: sqlite3.Cursor) -> None:

@@ -25,6 +25,7 @@ The prompt is one argument of the form "MODE ARG...":
                         the line "quit"
     env NAME...         print NAME=value for each variable, then the window size
     query               send a cursor position query, print the reply, exit 0
+    nice                print "nice=N", N being this process's nice value
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def main(prompt: str) -> int:
             reply += os.read(0, 64)
         rawOutput()
         write(b"reply: " + reply.replace(b"\x1b", b"ESC") + b"\n")
+        return 0
+
+    if mode == "nice":
+        write(f"nice={os.getpriority(os.PRIO_PROCESS, 0)}\n".encode("ascii"))
         return 0
 
     write(f"unknown mode {mode!r}\n".encode("utf-8"))

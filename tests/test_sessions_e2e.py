@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import threading
 import time
 
 import pytest_twisted
@@ -13,6 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 
 from coven.sessions import DRAIN_TIMEOUT
+from coven.store import WRITER_NICE
 
 from .conftest import startDaemon
 from .fake_harness import pattern
@@ -224,6 +226,27 @@ async def test_environment_and_window_size(daemon):
     assert f"COVEN_SESSION_ID={session['id']}" in text
     assert "CLAUDECODE=<unset>" in text
     assert "size=132x40" in text
+
+
+def threadNice(threadId: int) -> int:
+    with open(f"/proc/self/task/{threadId}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3 of stat(5) and nice field 19.
+    return int(fields[19 - 3])
+
+
+@pytest_twisted.ensureDeferred
+async def test_writer_thread_niced_harness_not(daemon):
+    before = threadNice(threading.get_native_id())
+    session = await daemon.client.launch(daemon.project, "nice")
+    text = outputText(await daemon.client.waitForExit(session["id"]))
+    writer = daemon.service.store.writerThreadId
+
+    assert writer is not None
+    assert writer != threading.get_native_id()
+    assert threadNice(writer) == max(before, WRITER_NICE)
+    assert threadNice(threading.get_native_id()) == before
+    assert f"nice={before}" in text
 
 
 @pytest_twisted.ensureDeferred
