@@ -9,6 +9,7 @@ import datetime
 import errno
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import stat
@@ -830,8 +831,10 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
         await sleep(reactor, POLL_INTERVAL)
     killed = ""
     if running:
-        sessions = "session" if running == 1 else "sessions"
-        killed = f" It killed {running} running {sessions} and recorded how they ended."
+        if running == 1:
+            killed = " It killed 1 running session and recorded how it ended."
+        else:
+            killed = f" It killed {running} running sessions and recorded how they ended."
     print(f"Coven daemon stopped (pid {pid}).{killed}")
     return EXIT_OK
 
@@ -936,7 +939,7 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
     home = client.home
 
     if not checkPrivate(report, "home", home, 0o700, stat.S_ISDIR):
-        report.warn(f"home {home} does not exist yet; `coven daemon start` creates it")
+        report.warn(f"home {home} does not exist yet; `{client.startCommand}` creates it")
     if not checkPrivate(report, "socket", client.socketPath, 0o600, stat.S_ISSOCK):
         report.warn(f"socket {client.socketPath} does not exist")
 
@@ -1089,11 +1092,21 @@ def buildParser() -> argparse.ArgumentParser:
     return parser
 
 
+def startCommand(home: str | None) -> str:
+    """
+    Return the command that starts the daemon of C{home}, with C{--home}
+    when the user gave one.
+    """
+    if home is None:
+        return "coven daemon start"
+    return f"coven --home {shlex.quote(home)} daemon start"
+
+
 async def dispatch(reactor: Any, args: argparse.Namespace) -> int:
     """
     Run the chosen command and turn its errors into a message and an exit code.
     """
-    client = CovenClient(args.home, reactor)
+    client = CovenClient(args.home, reactor, startCommand=startCommand(args.home))
     try:
         return await args.handler(reactor, client, args)
     except UsageError as error:
@@ -1107,6 +1120,8 @@ async def dispatch(reactor: Any, args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(error.content.rstrip(b"\n") + b"\n")
             sys.stdout.flush()
         sys.stderr.write(f"coven: {describeAPIError(error)}\n")
+        if error.code == "session_not_found":
+            sys.stderr.write("coven: `coven sessions --all` lists every session, archived ones included.\n")
         return EXIT_API_ERROR
     except (DaemonUnreachable, IncompatibleDaemon, CommandFailed) as error:
         sys.stderr.write(f"coven: {error}\n")

@@ -338,10 +338,16 @@ class CovenClient:
     @ivar lastReply: the most recent successful reply, so that a caller can
         show the daemon's response exactly as sent. With concurrent requests it
         is whichever finished last.
+    @ivar startCommand: the command that starts this daemon, which
+        L{DaemonNotRunning} advises.
     """
 
     def __init__(
-        self, home: str | None = None, reactor: Any = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        home: str | None = None,
+        reactor: Any = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        startCommand: str = "coven daemon start",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -350,6 +356,7 @@ class CovenClient:
         self.home = os.path.abspath(os.path.expanduser(home or defaultHome()))
         self.socketPath = os.path.join(self.home, "coven.sock")
         self.timeout = timeout
+        self.startCommand = startCommand
         self._reactor = reactor
         self._http = treq.client.HTTPClient(
             Agent.usingEndpointFactory(reactor, _SocketEndpoints(reactor, self.socketPath))
@@ -435,7 +442,7 @@ class CovenClient:
     def _transportError(self, error: Exception) -> Exception:
         if isinstance(error, ConnectError):
             if error.osError in (errno.ENOENT, errno.ECONNREFUSED):
-                return DaemonNotRunning(self.socketPath)
+                return DaemonNotRunning(self.socketPath, advice=f"start it with `{self.startCommand}`")
             reason = str(error).rstrip(".")
             return DaemonUnreachable(f"Cannot connect to the Coven daemon at {self.socketPath}: {reason}.")
         if isinstance(error, (ResponseNeverReceived, ResponseFailed)):

@@ -56,6 +56,12 @@ class SessionNotFound(CovenError):
     status = 404
     defaultMessage = "Session was not found."
 
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        sessionId = details.get("sessionId")
+        if message is None and isinstance(sessionId, str):
+            message = f"No session has the id {sessionId!r}."
+        super().__init__(message, **details)
+
 
 class SessionNotLive(CovenError):
     code = "session_not_live"

@@ -477,8 +477,15 @@ class SessionManager(Service):
         if existing is None and live is None:
             raise SessionNotFound(sessionId=sessionId)
         if existing is None:
-            raise SessionNotLive(sessionId=sessionId)
-        raise SessionNotLive(sessionId=sessionId, status=existing.status)
+            raise SessionNotLive(f"Session {sessionId} is ending; it takes no more requests.", sessionId=sessionId)
+        if live is not None or existing.status == "running":
+            message = f"Session {sessionId} is ending ({existing.status}); it takes no more requests."
+        else:
+            message = (
+                f"Session {sessionId} has already ended ({existing.status}); start a new"
+                " session to go on."
+            )
+        raise SessionNotLive(message, sessionId=sessionId, status=existing.status)
 
     async def _lookup(self, sessionId: str) -> LiveSession:
         live = self._live.get(sessionId)

@@ -179,6 +179,21 @@ def test_no_daemon_exit_code_3(emptyHome):
         assert result.stdout == ""
 
 
+def test_no_daemon_advice_names_home_option(emptyHome):
+    socketPath = os.path.join(emptyHome, "coven.sock")
+    otherHome = makeShortHome()
+    try:
+        result = coven(otherHome, "--home", emptyHome, "sessions")
+    finally:
+        shutil.rmtree(otherHome, ignore_errors=True)
+
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"coven: Coven daemon is not running at {socketPath};"
+        f" start it with `coven --home {emptyHome} daemon start`\n"
+    )
+
+
 def test_stop_without_daemon_nothing_to_stop(emptyHome):
     socketPath = os.path.join(emptyHome, "coven.sock")
 
@@ -327,12 +342,17 @@ def test_send_kill_and_api_errors(cliDaemon):
     assert again.returncode == 1
     assert json.loads(again.stdout)["error"]["code"] == "session_not_live"
     assert again.stderr == (
-        f"coven: Session is not live. [session_not_live; sessionId={sessionId}, status=killed]\n"
+        f"coven: Session {sessionId} has already ended (killed); start a new session to go on."
+        f" [session_not_live; sessionId={sessionId}, status=killed]\n"
     )
 
     unknown = coven(cliDaemon.home, "show", "ffffffff-no-such-session")
     assert unknown.returncode == 1
-    assert "[session_not_found; sessionId=ffffffff-no-such-session]" in unknown.stderr
+    assert unknown.stderr == (
+        "coven: No session has the id 'ffffffff-no-such-session'."
+        " [session_not_found; sessionId=ffffffff-no-such-session]\n"
+        "coven: `coven sessions --all` lists every session, archived ones included.\n"
+    )
 
     badHarness = coven(cliDaemon.home, "run", "nonesuch", "hi", "--detach", cwd=cliDaemon.project)
     assert badHarness.returncode == 1

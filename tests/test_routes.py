@@ -314,7 +314,7 @@ def test_session_get(memory: MemoryDaemon, prefix: str) -> None:
 def test_session_get_unknown(memory: MemoryDaemon, prefix: str) -> None:
     unknown = str(uuid.uuid4())
     error = checkError(memory.get(f"{prefix}/sessions/{unknown}"), 404, "session_not_found")
-    assert error["message"] == "Session was not found."
+    assert error["message"] == f"No session has the id {unknown!r}."
     assert error["details"] == {"sessionId": unknown}
 
 
@@ -953,7 +953,9 @@ def test_input_not_live(memory: MemoryDaemon) -> None:
     sessionId = finishedSession(memory)
     response = memory.post(f"/api/v1/sessions/{sessionId}/input", {"data": "more\n"})
     error = checkError(response, 409, "session_not_live")
-    assert error["message"] == "Session is not live."
+    assert error["message"] == (
+        f"Session {sessionId} has already ended (completed); start a new session to go on."
+    )
     assert error["details"] == {"sessionId": sessionId, "status": "completed"}
 
 
@@ -1036,6 +1038,8 @@ def test_kill_twice_not_live(memory: MemoryDaemon) -> None:
     record, _ = memory.launch()
     memory.post(f"/api/v1/sessions/{record['id']}/kill")
     error = checkError(memory.post(f"/api/v1/sessions/{record['id']}/kill"), 409, "session_not_live")
+    # The harness has not exited yet.
+    assert error["message"] == f"Session {record['id']} is ending (killed); it takes no more requests."
     assert error["details"] == {"sessionId": record["id"], "status": "killed"}
     assert len(memory.signals.calls) == 1
 
