@@ -628,7 +628,8 @@ class Store(Service):
             self._scheduleCheckpoint()
 
     def _scheduleCheckpoint(self) -> None:
-        if self._walBytes < CHECKPOINT_AFTER_BYTES:
+        # A checkpoint that ends while the store stops schedules no other.
+        if not self.running or self._walBytes < CHECKPOINT_AFTER_BYTES:
             return
         now = self._reactor.seconds()
         if self._checkpointDue is None:
@@ -644,7 +645,7 @@ class Store(Service):
         # schedules the checkpoint again. Writes during a checkpoint do not
         # wait for it: they go on appending to the WAL.
         self._checkpointCall = None
-        if self._queue or self._inFlight or self._checkpointing or self._writer is None:
+        if not self.running or self._queue or self._inFlight or self._checkpointing:
             return
         if self._checkpointer is None:
             self._checkpointer = self._poolFactory(1)
