@@ -477,12 +477,14 @@ class SessionManager(Service):
         if existing is None and live is None:
             raise SessionNotFound(sessionId=sessionId)
         if existing is None:
-            raise SessionNotLive(f"Session {sessionId} is ending; it takes no more requests.", sessionId=sessionId)
+            raise SessionNotLive(
+                f"Session {sessionId} is ending and takes no more requests.", sessionId=sessionId
+            )
         if live is not None or existing.status == "running":
-            message = f"Session {sessionId} is ending ({existing.status}); it takes no more requests."
+            message = f"Session {sessionId} is ending ({existing.status}) and takes no more requests."
         else:
             message = (
-                f"Session {sessionId} has already ended ({existing.status}); start a new"
+                f"Session {sessionId} has already ended ({existing.status}). Start a new"
                 " session to go on."
             )
         raise SessionNotLive(message, sessionId=sessionId, status=existing.status)

@@ -114,12 +114,11 @@ CHECKPOINT_MAX_DELAY = 2.0
 CHECKPOINT_AFTER_BYTES = 1024 * 1024
 WAL_AUTOCHECKPOINT_PAGES = 8192
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
-# The nice value of the writer thread. A PTY read that finds the terminal's
-# buffer empty waits for the kernel worker that moves the harness's writes into
-# it: in three 20 MB bursts the PTY reader thread waited for it 5,800 times. At nice
-# 10 the writer leaves the CPUs to that worker, the harness and the reader
-# first. Two runs of thirty paired 20 MB rounds gave 86.5 against 80.4 and
-# 85.8 against 77.7 MB/s.
+# The writer thread's nice value. A PTY read that finds the terminal's buffer
+# empty waits for the kernel worker that fills it, 5,800 times in three 20 MB
+# bursts. At nice 10 the writer leaves the CPUs to that worker, the harness and
+# the PTY reader first. Two runs of thirty paired 20 MB rounds gave 86.5
+# against 80.4 and 85.8 against 77.7 MB/s.
 WRITER_NICE = 10
 # Seconds before a failed write transaction is tried again; the delay doubles
 # with each failure in a row, up to MAX_RETRY_DELAY.
@@ -419,7 +418,7 @@ class Store(Service):
 
     def _priorityNotLowered(self, failure: Any) -> None:
         log.warn(
-            "Could not lower the priority of the writer thread; it keeps the daemon's: {error}",
+            "Lowering the writer thread's priority failed, so it runs at the daemon's: {error}",
             error=failure.getErrorMessage(),
         )
 
@@ -656,8 +655,8 @@ class Store(Service):
         d = self._checkpointer.runInteraction(_checkpointWAL)
         d.addErrback(
             lambda failure: log.warn(
-                "Copying the WAL into the database failed; it is tried again after the"
-                " next writes: {error}",
+                "Copying the WAL into the database failed, so it is tried again once more"
+                " output is committed: {error}",
                 error=failure.getErrorMessage(),
             )
         )
@@ -909,8 +908,8 @@ def _lowerThreadPriority(cursor: sqlite3.Cursor, nice: int) -> int | None:
 def _checkpointWAL(cursor: sqlite3.Cursor) -> None:
     """
     Copy what the WAL contains into the database, in the checkpoint thread. A
-    passive checkpoint waits neither for the writer nor for readers; what it
-    leaves out is copied by a later one.
+    passive checkpoint waits neither for the writer nor for readers, and a
+    later one copies what it leaves out.
     """
     cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 

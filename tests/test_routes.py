@@ -954,7 +954,7 @@ def test_input_not_live(memory: MemoryDaemon) -> None:
     response = memory.post(f"/api/v1/sessions/{sessionId}/input", {"data": "more\n"})
     error = checkError(response, 409, "session_not_live")
     assert error["message"] == (
-        f"Session {sessionId} has already ended (completed); start a new session to go on."
+        f"Session {sessionId} has already ended (completed). Start a new session to go on."
     )
     assert error["details"] == {"sessionId": sessionId, "status": "completed"}
 
@@ -1039,7 +1039,7 @@ def test_kill_twice_not_live(memory: MemoryDaemon) -> None:
     memory.post(f"/api/v1/sessions/{record['id']}/kill")
     error = checkError(memory.post(f"/api/v1/sessions/{record['id']}/kill"), 409, "session_not_live")
     # The harness has not exited yet.
-    assert error["message"] == f"Session {record['id']} is ending (killed); it takes no more requests."
+    assert error["message"] == f"Session {record['id']} is ending (killed) and takes no more requests."
     assert error["details"] == {"sessionId": record["id"], "status": "killed"}
     assert len(memory.signals.calls) == 1
 
