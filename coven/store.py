@@ -634,10 +634,19 @@ class Store(Service):
         if self._checkpointDue is None:
             self._checkpointDue = now + CHECKPOINT_MAX_DELAY
         delay = max(0.0, min(CHECKPOINT_DELAY, self._checkpointDue - now))
-        if self._checkpointCall is not None and self._checkpointCall.active():
-            self._checkpointCall.reset(delay)
-        else:
-            self._checkpointCall = self._reactor.callLater(delay, self._checkpoint)
+        self._checkpointCall = self._callOrPutOff(self._checkpointCall, delay, self._checkpoint)
+
+    def _callOrPutOff(self, call: Any, delay: float, function: Callable[[], None]) -> Any:
+        """
+        Move C{call} to C{delay} seconds from now if it is pending, else
+        schedule C{function} then.
+
+        @return: the pending call.
+        """
+        if call is not None and call.active():
+            call.reset(delay)
+            return call
+        return self._reactor.callLater(delay, function)
 
     def _checkpoint(self) -> None:
         # If writes are going on, the next commit that empties the queue
@@ -671,10 +680,7 @@ class Store(Service):
     def _scheduleIdleAfterLoad(self) -> None:
         if self.onIdleAfterLoad is None or self._bytesSinceIdle < IDLE_AFTER_LOAD_BYTES:
             return
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.reset(IDLE_AFTER_LOAD_DELAY)
-        else:
-            self._idleCall = self._reactor.callLater(IDLE_AFTER_LOAD_DELAY, self._idleAfterLoad)
+        self._idleCall = self._callOrPutOff(self._idleCall, IDLE_AFTER_LOAD_DELAY, self._idleAfterLoad)
 
     def _idleAfterLoad(self) -> None:
         self._idleCall = None
