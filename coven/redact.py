@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
+from typing import Any
 
 # Each kind of secret: its name, its gate and its pattern. The gate is a string
 # every such secret contains. Looking for one byte runs at memory speed, so a
@@ -68,6 +70,52 @@ _KEYWORDS = (b"bearer", *_ASSIGNMENT_WORDS)
 _MAX_SEPARATORS = 32
 
 
+# bytes.lower() as a table: translate() makes the same copy about a quarter
+# faster (0.58 against 0.77 ms per MB of benchmark output).
+_LOWER = bytes(range(256)).lower()
+
+
+def _loadMemmem() -> Any:
+    """
+    Return the C library's C{memmem}, or C{None} where it cannot be loaded.
+
+    A search for a label word in 200 KiB of output took 2 to 3 times less
+    with C{memmem} than with C{bytes.find}, and ctypes releases the GIL for
+    the call, so the PTY reader thread can take the GIL meanwhile.
+    """
+    try:
+        function = ctypes.CDLL(None).memmem
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    function.restype = ctypes.c_void_p
+    return function
+
+
+_memmem = _loadMemmem()
+
+
+class _Searchable:
+    """
+    Bytes searched for several words, with C{memmem} where it is available.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        # The pointer refers to the buffer of data itself, so nothing is copied.
+        self._pointer = ctypes.c_char_p(data)
+        self._address = ctypes.cast(self._pointer, ctypes.c_void_p).value or 0
+
+    def find(self, word: bytes, start: int = 0) -> int:
+        data = self.data
+        if _memmem is None or not self._address:
+            return data.find(word, start)
+        if start >= len(data):
+            return -1
+        hit = _memmem(self._address + start, len(data) - start, word, len(word))
+        return -1 if hit is None else hit - self._address
+
+
 def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
     """
     Return the spans of the secrets in C{data} with their replacements, in
@@ -81,7 +129,7 @@ def _findSecrets(data: bytes) -> list[tuple[int, int, bytes]]:
         for match in pattern.finditer(data):
             found.append((match.start(), match.end(), label))
 
-    lowered = data.lower()
+    lowered = _Searchable(data.translate(_LOWER))
     position = lowered.find(b"bearer")
     while position != -1:
         match = _BEARER_PATTERN.match(data, position)
@@ -118,7 +166,7 @@ def _separators(data: bytes) -> list[int] | None:
     return positions
 
 
-def _findAssignments(data: bytes, lowered: bytes, found: list[tuple[int, int, bytes]]) -> None:
+def _findAssignments(data: bytes, lowered: _Searchable, found: list[tuple[int, int, bytes]]) -> None:
     pattern, label = _ASSIGNMENT_PATTERN, _ASSIGNMENT_LABEL
     separators = _separators(data)
     if separators is None:
@@ -139,7 +187,7 @@ def _findAssignments(data: bytes, lowered: bytes, found: list[tuple[int, int, by
         while end and data[end - 1] in _BLANKS:
             end -= 1
         for word in _ASSIGNMENT_LABELS:
-            if lowered.endswith(word, 0, end):
+            if lowered.data.endswith(word, 0, end):
                 match = pattern.match(data, end - len(word))
                 if match is not None:
                     found.append((match.end("keep"), match.end(), label))
@@ -227,7 +275,9 @@ def _holdPoint(data: bytes) -> int:
     size = len(data)
     point = size
 
-    begin = data.rfind(_PEM_BEGIN)
+    # Output without a "-" has no part of "-----BEGIN", and looking for that
+    # byte costs far less than the search back for the whole line.
+    begin = data.rfind(_PEM_BEGIN) if b"-" in data else -1
     if begin != -1 and _PEM_BLOCK.match(data, begin) is None and _PEM_BODY.match(data, begin):
         point = begin
     else:

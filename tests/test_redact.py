@@ -162,6 +162,34 @@ def test_separator_search_matches_label_search(text: bytes, monkeypatch: pytest.
     assert redactBytes(text) == found
 
 
+@pytest.mark.parametrize(
+    "haystack",
+    [b"", b"token", b"xtokentoken", b"a\0token\0key\0", b"bearer" * 3, SOURCE_LIKE.lower()],
+)
+def test_search_matches_bytes_find(haystack: bytes) -> None:
+    searchable = redact._Searchable(haystack)
+
+    for word in (b"token", b"key", b"bearer", b"\0k", b"tokentoken"):
+        for start in range(len(haystack) + 2):
+            assert searchable.find(word, start) == haystack.find(word, start), (word, start)
+
+
+def test_memmem_loaded() -> None:
+    # Without it the redactor still works (the next test), but slower.
+    assert redact._memmem is not None
+
+
+def test_same_redaction_without_memmem(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [secret for secret, _ in SECRETS] + [text for text, _ in LABELLED] + [SOURCE_LIKE]
+    texts += [b"Authorization: BeArEr abcdef0123456789abcdef\0 and Bearer abcdef0123456789xyz"]
+    withMemmem = [redactBytes(text) for text in texts]
+    monkeypatch.setattr(redact, "_memmem", None)
+
+    assert [redactBytes(text) for text in texts] == withMemmem
+    assert b"BeArEr [REDACTED:bearer]" in withMemmem[-1]
+    assert withMemmem[-1].count(b"[REDACTED:bearer]") == 2
+
+
 def test_key_block_held_until_end() -> None:
     redactor = StreamRedactor()
 
