@@ -139,9 +139,24 @@ def resolveProjectPaths(projectRoot: str, cwd: str | None) -> tuple[str, str]:
     return root, resolved
 
 
-def defaultTitle(prompt: str, harness: HarnessSpec) -> str:
+def defaultTitle(prompt: str, harness: HarnessSpec, redact: bool = False) -> str:
+    """
+    Return the prompt's first line, cut to L{TITLE_LENGTH} characters, or the
+    harness's label for an empty prompt. With C{redact}, secrets in the line
+    are replaced first, so the cut cannot leave part of one unrecognised.
+    """
     lines = prompt.strip().splitlines()
-    return lines[0][:TITLE_LENGTH] if lines else harness.label
+    if not lines:
+        return harness.label
+    line = redactText(lines[0]) if redact else lines[0]
+    return line[:TITLE_LENGTH]
+
+
+def redactText(text: str) -> str:
+    """
+    Return C{text} with its secrets replaced, as in stored events.
+    """
+    return redactBytes(text.encode("utf-8")).decode("utf-8")
 
 
 def signalName(number: int | None) -> str | None:
@@ -326,7 +341,10 @@ class SessionManager(Service):
         if harness is None:
             ids = ", ".join(spec.id for spec in self.harnesses.all())
             ignored = self.harnesses.configError
-            note = f" The harness file was ignored: {ignored}" if ignored else ""
+            if ignored:
+                note = f" The harness file was ignored: {ignored}"
+            else:
+                note = f" Add harnesses in {self.harnesses.configPath}."
             raise InvalidRequest(
                 f"Unknown harness {request.harness!r}; configured harnesses: {ids}.{note}",
                 field="harness",
@@ -337,7 +355,13 @@ class SessionManager(Service):
 
         sessionId = str(uuid.uuid4())
         now = utcnow()
-        title = request.title if request.title is not None else defaultTitle(request.prompt, harness)
+        # The title is stored and listed like an event, so it is redacted like one.
+        if request.title is None:
+            title = defaultTitle(request.prompt, harness, redact=self.redact)
+        elif self.redact:
+            title = redactText(request.title)
+        else:
+            title = request.title
         record = SessionRecord(
             id=sessionId,
             project_root=root,
@@ -508,7 +532,7 @@ class SessionManager(Service):
             raise SessionNotLive(sessionId=sessionId)
         encoded = data.encode("utf-8")
         # The harness gets the input as it is; only the stored event is redacted.
-        recorded = redactBytes(encoded).decode("utf-8") if self.redact else data
+        recorded = redactText(data) if self.redact else data
         self._deliverRead(live)
         self._store.appendEvent(sessionId, "input", {"data": recorded})
         live.transport.write(encoded)

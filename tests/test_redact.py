@@ -8,7 +8,9 @@ import pytest
 import pytest_twisted
 
 from coven import redact
+from coven.harnesses import HarnessSpec
 from coven.redact import StreamRedactor, redactBytes
+from coven.sessions import TITLE_LENGTH, defaultTitle
 
 from .conftest import RunningDaemon, startDaemon
 from .support import UnixClient, outputText, payload
@@ -253,6 +255,36 @@ async def test_input_redacted_but_delivered(daemon: RunningDaemon) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_titles_redacted(daemon: RunningDaemon) -> None:
+    fromPrompt = await daemon.client.launch(daemon.project, "print password=hunter2hunter2")
+    withTitle = await daemon.client.launch(daemon.project, "exit", title="deploy with token=abcd1234efgh")
+    await daemon.client.waitForExit(fromPrompt["id"])
+    await daemon.client.waitForExit(withTitle["id"])
+
+    status, sessions = await daemon.client.get("/api/v1/sessions")
+
+    assert status == 200
+    titles = {session["id"]: session["title"] for session in sessions}
+    assert fromPrompt["title"] == "print password=[REDACTED:assignment]"
+    assert titles[fromPrompt["id"]] == "print password=[REDACTED:assignment]"
+    assert withTitle["title"] == "deploy with token=[REDACTED:assignment]"
+    assert titles[withTitle["id"]] == "deploy with token=[REDACTED:assignment]"
+
+
+def test_default_title_redacted_before_cut() -> None:
+    # The secret starts before the 80th character and ends after it. Cut
+    # first, its start would no longer look like a secret and would be kept.
+    prompt = "x" * 64 + " token=abcd1234efgh5678\nsecond line"
+    harness = HarnessSpec(id="fake", label="Fake", command=("fake",), prompt_args=("{prompt}",))
+
+    title = defaultTitle(prompt, harness, redact=True)
+
+    assert title == ("x" * 64 + " token=[REDACTED:assignment]")[:TITLE_LENGTH]
+    assert "abcd" not in title
+    assert defaultTitle(prompt, harness) == prompt[:TITLE_LENGTH]
+
+
+@pytest_twisted.ensureDeferred
 async def test_redaction_switched_off(home: str) -> None:
     covenHome = os.path.join(home, "coven")
     os.makedirs(covenHome, mode=0o700)
@@ -270,3 +302,4 @@ async def test_redaction_switched_off(home: str) -> None:
         await service.stopService()
 
     assert outputText(events) == f"{secret}\r\n"
+    assert session["title"] == f"print {secret}"
