@@ -396,7 +396,10 @@ def test_launch_size_out_of_range(memory: MemoryDaemon, field: str, value: int) 
 def test_launch_unknown_harness(memory: MemoryDaemon) -> None:
     response = memory.post("/api/v1/sessions", launchRequest(memory, harness="aider"))
     error = checkError(response, 400, "invalid_request")
-    assert error["message"] == "Unknown harness 'aider'; configured harnesses: claude, codex, copilot, fake."
+    assert error["message"] == (
+        "Unknown harness 'aider'; configured harnesses: claude, codex, copilot, fake."
+        f" Add harnesses in {memory.configPath}."
+    )
     assert error["details"]["harnesses"] == ["claude", "codex", "copilot", "fake"]
     assert error["details"]["field"] == "harness"
 
