@@ -80,8 +80,8 @@ def _loadMemmem() -> Any:
     Return the C library's C{memmem}, or C{None} where it cannot be loaded.
 
     A search for a label word in 200 KiB of output took 2 to 3 times less
-    with C{memmem} than with C{bytes.find}, and ctypes releases the GIL for
-    the call, so the PTY reader thread can take the GIL meanwhile.
+    CPU with C{memmem} than with C{bytes.find}, and ctypes releases the GIL
+    for the call.
     """
     try:
         function = ctypes.CDLL(None).memmem
