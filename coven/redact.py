@@ -108,7 +108,7 @@ class _Searchable:
 
     def find(self, word: bytes, start: int = 0) -> int:
         data = self.data
-        if _memmem is None or not self._address:
+        if _memmem is None or not self._address or not word:
             return data.find(word, start)
         if start >= len(data):
             return -1

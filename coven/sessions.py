@@ -142,14 +142,19 @@ def resolveProjectPaths(projectRoot: str, cwd: str | None) -> tuple[str, str]:
 def defaultTitle(prompt: str, harness: HarnessSpec, redact: bool = False) -> str:
     """
     Return the prompt's first line, cut to L{TITLE_LENGTH} characters, or the
-    harness's label for an empty prompt. With C{redact}, secrets in the line
-    are replaced first, so the cut cannot leave part of one unrecognised.
+    harness's label for an empty prompt.
+
+    With C{redact}, secrets in the whole prompt are replaced before the line
+    is taken and cut. So no part of a secret reaches the title, even one that
+    spans lines or contains a line break that only C{str.splitlines} splits at.
     """
-    lines = prompt.strip().splitlines()
+    text = prompt.strip()
+    if redact:
+        text = redactText(text)
+    lines = text.splitlines()
     if not lines:
         return harness.label
-    line = redactText(lines[0]) if redact else lines[0]
-    return line[:TITLE_LENGTH]
+    return lines[0][:TITLE_LENGTH]
 
 
 def redactText(text: str) -> str:

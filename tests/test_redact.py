@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import pytest_twisted
@@ -171,11 +172,12 @@ def test_separator_search_matches_label_search(text: bytes, monkeypatch: pytest.
 def test_search_matches_bytes_find(haystack: bytes) -> None:
     searchable = redact._Searchable(haystack)
 
-    for word in (b"token", b"key", b"bearer", b"\0k", b"tokentoken"):
+    for word in (b"token", b"key", b"bearer", b"\0k", b"tokentoken", b""):
         for start in range(len(haystack) + 2):
             assert searchable.find(word, start) == haystack.find(word, start), (word, start)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc has memmem; other C libraries may not")
 def test_memmem_loaded() -> None:
     # Without it the redactor still works (the next test), but slower.
     assert redact._memmem is not None
@@ -271,17 +273,39 @@ async def test_titles_redacted(daemon: RunningDaemon) -> None:
     assert titles[withTitle["id"]] == "deploy with token=[REDACTED:assignment]"
 
 
+TITLE_HARNESS = HarnessSpec(id="fake", label="Fake", command=("fake",), prompt_args=("{prompt}",))
+
+
 def test_default_title_redacted_before_cut() -> None:
-    # The secret starts before the 80th character and ends after it. Cut
-    # first, its start would no longer look like a secret and would be kept.
-    prompt = "x" * 64 + " token=abcd1234efgh5678\nsecond line"
-    harness = HarnessSpec(id="fake", label="Fake", command=("fake",), prompt_args=("{prompt}",))
+    # The key starts before the 80th character and ends after it. If the line
+    # were cut first, its first 6 characters would be too short to look like
+    # a key and would be kept.
+    prompt = "x" * 70 + " sk-A1b2C3d4E5f6G7h8I9j0K1l2\nsecond line"
 
-    title = defaultTitle(prompt, harness, redact=True)
+    title = defaultTitle(prompt, TITLE_HARNESS, redact=True)
 
-    assert title == ("x" * 64 + " token=[REDACTED:assignment]")[:TITLE_LENGTH]
-    assert "abcd" not in title
-    assert defaultTitle(prompt, harness) == prompt[:TITLE_LENGTH]
+    assert title == ("x" * 70 + " [REDACTED:openai]")[:TITLE_LENGTH]
+    assert "A1b2" not in title
+    assert defaultTitle(prompt, TITLE_HARNESS) == prompt[:TITLE_LENGTH]
+
+
+@pytest.mark.parametrize(
+    "prompt, leaked",
+    [
+        # Line breaks of str.splitlines that the byte patterns take as part of
+        # the value.
+        ("password=hun\x85ter2hunter2", "hun"),
+        ("password=hun\u2028ter2hunter2", "hun"),
+        ("token=abc\x1cdefghijkl", "abc"),
+        # A key block that starts on the first line and ends on another.
+        ("-----BEGIN RSA PRIVATE KEY-----MIIEowIBAAKCAQEA0Z3VS5JJcds3xfn\n-----END RSA PRIVATE KEY-----", "MIIE"),
+    ],
+)
+def test_default_title_redacted_across_lines(prompt: str, leaked: str) -> None:
+    title = defaultTitle(prompt, TITLE_HARNESS, redact=True)
+
+    assert "[REDACTED:" in title
+    assert leaked not in title
 
 
 @pytest_twisted.ensureDeferred
