@@ -25,15 +25,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run  # noqa: E402
-
-# The nice value of the store's writer thread (coven.store.WRITER_NICE).
-WRITER_NICE = 10
+from coven.store import WRITER_NICE  # noqa: E402
 
 
 def threadTimes(pid: int) -> dict[str, float]:
@@ -41,21 +38,20 @@ def threadTimes(pid: int) -> dict[str, float]:
     Return the CPU seconds of each thread of process C{pid}, by role.
     """
     times: dict[str, float] = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
+    for thread, seconds in (run.threadCPUSeconds(pid) or {}).items():
         try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as file:
-                seconds = int(file.read().split()[0]) / 1e9
-            with open(f"/proc/{pid}/task/{task}/stat") as file:
-                # Field 19, nice, counted after the parenthesised command.
+            with open(f"/proc/{pid}/task/{thread}/stat") as file:
+                # The nice value is field 19, the 17th after the command name,
+                # which is in parentheses and may contain spaces.
                 nice = int(file.read().rsplit(")", 1)[1].split()[16])
         except (OSError, ValueError, IndexError):
             continue
-        if int(task) == pid:
+        if thread == pid:
             role = "reactor"
         elif nice == WRITER_NICE:
             role = "writer"
         else:
-            role = f"+{int(task) - pid}"
+            role = f"+{thread - pid}"
         times[role] = times.get(role, 0.0) + seconds
     return times
 
@@ -80,20 +76,21 @@ def measureRound(daemon: run.Daemon, project: str, sizeMB: int) -> dict[str, Any
     """
     raw: dict[str, Any] = {}
     run.measureRaw(raw, sizeMB, daemon.pid)
-    run.waitQuiet(daemon.pid)
-    before = threadTimes(daemon.pid)
-    size = sizeMB * run.MB
-    started = time.monotonic()
-    session = run.launch(daemon, project, f"burst {size}")
-    _, exited = run.waitExited(daemon, session["id"], 60 + 3 * sizeMB)
-    after = threadTimes(daemon.pid)
-    back = run.readBack(daemon, session["id"])
-    mbps = sizeMB / (exited - started)
+    times: list[dict[str, float]] = []
+    burst = run.measureBurst(
+        daemon,
+        project,
+        sizeMB,
+        onStart=lambda: times.append(threadTimes(daemon.pid)),
+        onExit=lambda: times.append(threadTimes(daemon.pid)),
+    )
+    before, after = times
+    mbps = burst[f"burst{sizeMB}_mbps"]
     return {
         "mbps": mbps,
         "raw_mbps": raw[f"raw{sizeMB}_mbps"],
         "ratio": mbps / raw[f"raw{sizeMB}_mbps"],
-        "lost_bytes": size - back.outputBytes,
+        "lost_bytes": burst[f"burst{sizeMB}_lost_bytes"],
         "cpu_ms": {role: (seconds - before.get(role, 0.0)) * 1000 for role, seconds in after.items()},
     }
 

@@ -131,21 +131,30 @@ def rssMB(pid: int) -> float:
     return math.nan if value is None else value / 1024
 
 
-def cpuSeconds(pid: int) -> float | None:
+def threadCPUSeconds(pid: int) -> dict[int, float] | None:
     """
-    Return the CPU time all threads of process C{pid} have used, in seconds.
+    Return the CPU time each thread of process C{pid} has used, in seconds,
+    by thread id, or C{None} when the process is gone.
     """
-    total = 0
+    seconds: dict[int, float] = {}
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{task}/schedstat") as file:
-                    total += int(file.read().split()[0])
+                    seconds[int(task)] = int(file.read().split()[0]) / 1e9
             except (OSError, ValueError, IndexError):
                 continue
     except OSError:
         return None
-    return total / 1e9
+    return seconds
+
+
+def cpuSeconds(pid: int) -> float | None:
+    """
+    Return the CPU time all threads of process C{pid} have used, in seconds.
+    """
+    seconds = threadCPUSeconds(pid)
+    return None if seconds is None else sum(seconds.values())
 
 
 def waitQuiet(pid: int | None, window: float = 0.2, timeout: float = 5.0) -> float:
@@ -486,13 +495,30 @@ def measureLaunch(daemon: Daemon, project: str, count: int) -> dict[str, Any]:
     }
 
 
-def measureBurst(daemon: Daemon, project: str, sizeMB: int) -> dict[str, Any]:
+def measureBurst(
+    daemon: Daemon,
+    project: str,
+    sizeMB: int,
+    onStart: Callable[[], None] | None = None,
+    onExit: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """
+    Run one burst of C{sizeMB} through C{daemon} once it is idle, and read it back.
+
+    @param onStart: called just before the launch request.
+    @param onExit: called as soon as the session is seen finished, before the
+        read back.
+    """
     size = sizeMB * MB
     key = f"burst{sizeMB}"
     waitQuiet(daemon.pid)
+    if onStart is not None:
+        onStart()
     started = time.monotonic()
     session = launch(daemon, project, f"burst {size}")
     status, exited = waitExited(daemon, session["id"], 60 + 3 * sizeMB)
+    if onExit is not None:
+        onExit()
     seconds = exited - started
     back = readBack(daemon, session["id"])
     return {

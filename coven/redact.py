@@ -70,8 +70,9 @@ _KEYWORDS = (b"bearer", *_ASSIGNMENT_WORDS)
 _MAX_SEPARATORS = 32
 
 
-# bytes.lower() as a table: translate() makes the same copy about a quarter
-# faster (0.58 against 0.77 ms per MB of benchmark output).
+# A table that maps each byte as bytes.lower() does. translate() with it makes
+# the same copy about a quarter faster (0.58 against 0.77 ms per MB of
+# benchmark output).
 _LOWER = bytes(range(256)).lower()
 
 
@@ -199,6 +200,15 @@ def redactBytes(data: bytes) -> bytes:
     Replace every complete secret in C{data}.
     """
     return _replaceSpans(data, _findSecrets(data))
+
+
+def redactText(text: str) -> str:
+    """
+    Replace every complete secret in C{text}, matching its UTF-8 bytes as
+    L{redactBytes} does. Each match starts and ends at an ASCII byte, so the
+    result is valid UTF-8 again.
+    """
+    return redactBytes(text.encode("utf-8")).decode("utf-8")
 
 
 def _replaceSpans(data: bytes, spans: list[tuple[int, int, bytes]]) -> bytes:

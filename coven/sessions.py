@@ -29,7 +29,7 @@ from coven.harnesses import HarnessRegistry, HarnessSpec
 from coven.pty import HarnessProtocol
 from coven.ptyreader import PTYReader
 from coven.records import SessionRecord, utcnow
-from coven.redact import redactBytes
+from coven.redact import redactText
 from coven.store import Store
 
 log = Logger()
@@ -155,13 +155,6 @@ def defaultTitle(prompt: str, harness: HarnessSpec, redact: bool = False) -> str
     if not lines:
         return harness.label
     return lines[0][:TITLE_LENGTH]
-
-
-def redactText(text: str) -> str:
-    """
-    Return C{text} with its secrets replaced, as in stored events.
-    """
-    return redactBytes(text.encode("utf-8")).decode("utf-8")
 
 
 def signalName(number: int | None) -> str | None:
