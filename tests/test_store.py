@@ -170,6 +170,68 @@ async def test_output_payload_json_matches_python(databasePath: str, sqliteJSON:
     assert [event.payload_json for event in page.events] == expected
 
 
+@pytest.mark.parametrize("readWithJSON", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_output_text_stored_unencoded(databasePath: str, readWithJSON: bool) -> None:
+    text = AWKWARD_TEXTS[0]
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    try:
+        await store.insertSession(sessionRecord("s"))
+        store.appendOutput("s", text, None, len(text.encode("utf-8")))
+        await store.flush()
+        # False reads the rows as an SQLite without JSON functions would.
+        store.sqliteJSON = readWithJSON
+        page = await store.readEvents("s", 0, 10)
+        rendered = await store.readEventsJSON("s", 0, 10)
+    finally:
+        await store.stopService()
+
+    with sqlite3.connect(databasePath) as connection:
+        rows = connection.execute("SELECT payload_json, data FROM events WHERE kind = 'output'").fetchall()
+    # The writer leaves the JSON encoding to reads.
+    assert rows == [("", text)]
+    assert [event.payload_json for event in page.events] == [
+        json.dumps({"data": text}, separators=(",", ":"), ensure_ascii=False)
+    ]
+    assert rendered.body == jsonBytes(page.toJSON())
+
+
+@pytest_twisted.ensureDeferred
+async def test_version_1_database_upgraded(databasePath: str) -> None:
+    with sqlite3.connect(databasePath) as connection:
+        for statement in storeModule.MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute(
+            "INSERT INTO sessions VALUES ('s', '/p', '/p', 'fake', 't', 'completed', 0, NULL, 'a', 'b')"
+        )
+        connection.execute(
+            "INSERT INTO events (id, session_id, kind, payload_json, created_at)"
+            " VALUES ('e1', 's', 'output', '{\"data\":\"old\\n\"}', 'a')"
+        )
+        connection.execute("PRAGMA user_version = 1")
+
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    try:
+        store.appendOutput("s", "new\n", None, 4)
+        await store.flush()
+        page = await store.readEvents("s", 0, 10)
+        rendered = json.loads((await store.readEventsJSON("s", 0, 10)).body)
+    finally:
+        await store.stopService()
+
+    with sqlite3.connect(databasePath) as connection:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+    assert version == SCHEMA_VERSION == 2
+    assert [event.payload_json for event in page.events] == ['{"data":"old\\n"}', '{"data":"new\\n"}']
+    assert [event["payload_json"] for event in rendered["events"]] == [
+        event.payload_json for event in page.events
+    ]
+
+
 async def _storeWithEvents(
     databasePath: str,
     sessionId: str,
