@@ -177,21 +177,35 @@ def test_search_matches_bytes_find(haystack: bytes) -> None:
             assert searchable.find(word, start) == haystack.find(word, start), (word, start)
 
 
+@pytest.mark.parametrize(
+    "haystack",
+    [b"", b"bearer", b"BEARER xBeArEr", b"xbearerbearer", b"beare", b"B\xc3\xa9arer bEARER", SOURCE_LIKE],
+)
+def test_folded_search_matches_lower_find(haystack: bytes) -> None:
+    searchable = redact._Searchable(haystack)
+
+    for start in range(len(haystack) + 2):
+        assert searchable.findFolded(b"bearer", start) == haystack.lower().find(b"bearer", start), start
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc has memmem; other C libraries may not")
 def test_memmem_loaded() -> None:
     # Without it the redactor still works (the next test), but slower.
     assert redact._memmem is not None
 
 
-def test_same_redaction_without_memmem(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_redaction_without_memmem_or_strcasestr(monkeypatch: pytest.MonkeyPatch) -> None:
     texts = [secret for secret, _ in SECRETS] + [text for text, _ in LABELLED] + [SOURCE_LIKE]
     texts += [b"Authorization: BeArEr abcdef0123456789abcdef\0 and Bearer abcdef0123456789xyz"]
+    texts += [b"Authorization: BeArEr abcdef0123456789abcdef and Bearer abcdef0123456789xyz"]
     withMemmem = [redactBytes(text) for text in texts]
     monkeypatch.setattr(redact, "_memmem", None)
+    monkeypatch.setattr(redact, "_strcasestr", None)
 
     assert [redactBytes(text) for text in texts] == withMemmem
-    assert b"BeArEr [REDACTED:bearer]" in withMemmem[-1]
-    assert withMemmem[-1].count(b"[REDACTED:bearer]") == 2
+    for redacted in withMemmem[-2:]:
+        assert b"BeArEr [REDACTED:bearer]" in redacted
+        assert redacted.count(b"[REDACTED:bearer]") == 2
 
 
 def test_key_block_held_until_end() -> None:
