@@ -8,6 +8,9 @@ The argument has the form "MODE ARG...":
                             exists (at most 120 s)
     lines COUNT INTERVAL_MS write COUNT lines "tick N MONOTONIC_NS", one every
                             INTERVAL_MS milliseconds, then exit 0
+    stamped SIZE            write "start MONOTONIC_NS\n", SIZE bytes of pattern(),
+                            then "end MONOTONIC_NS\n" once the last write returned,
+                            and exit 0
 
 Output processing is turned off on the PTY (OPOST cleared), so "\\n" is not turned
 into "\\r\\n" and the bytes a daemon records are the bytes written here.
@@ -84,6 +87,14 @@ def burst(size: int, goFile: str | None) -> int:
     return 0
 
 
+def stamped(size: int) -> int:
+    writeAll(b"start %d\n" % time.monotonic_ns())
+    for chunk in patternChunks(size):
+        writeAll(chunk)
+    writeAll(b"end %d\n" % time.monotonic_ns())
+    return 0
+
+
 def lines(count: int, intervalMs: float) -> int:
     start = time.monotonic()
     for number in range(count):
@@ -98,7 +109,7 @@ def lines(count: int, intervalMs: float) -> int:
 def main(argv: list[str]) -> int:
     words = " ".join(argv[1:]).split()
     if not words:
-        sys.stderr.write("harness: missing mode; expected exit, burst or lines\n")
+        sys.stderr.write("harness: missing mode; expected exit, burst, lines or stamped\n")
         return 2
     mode, args = words[0], words[1:]
     if mode == "exit":
@@ -109,7 +120,9 @@ def main(argv: list[str]) -> int:
         return burst(int(args[0]), args[1] if len(args) > 1 else None)
     if mode == "lines":
         return lines(int(args[0]), float(args[1]))
-    sys.stderr.write(f"harness: unknown mode {mode!r}; expected exit, burst or lines\n")
+    if mode == "stamped":
+        return stamped(int(args[0]))
+    sys.stderr.write(f"harness: unknown mode {mode!r}; expected exit, burst, lines or stamped\n")
     return 2
 
 
