@@ -29,12 +29,10 @@ SESSION_COLUMNS = (
     "id, project_root, cwd, harness, title, status, exit_code, archived_at,"
     " created_at, updated_at"
 )
-# An output event whose payload is only {"data": TEXT} keeps TEXT in the data
-# column as it is, with an empty payload_json, and SQLite builds the payload
-# when the event is read. Encoding it as JSON in the write transaction took
-# half of the writer thread's SQLite time (20 of 39 ms of CPU per 20 MB, 16 KiB
-# pages), and output is written far more often than it is read. "|| ''" makes
-# the payload plain text, which json_object then quotes as a string.
+# An output event whose payload is only {"data": TEXT} stores TEXT unencoded in
+# the data column, with an empty payload_json, and reads build the payload:
+# encoding it took half of the writer thread's SQLite CPU during a burst.
+# "|| ''" makes the payload plain text, which json_object then quotes.
 EVENT_PAYLOAD = "CASE WHEN data IS NULL THEN payload_json ELSE json_object('data', data) || '' END"
 EVENT_COLUMNS = f"seq, id, session_id, kind, {EVENT_PAYLOAD}, created_at"
 # The same columns for an SQLite without JSON functions; see _eventFromRow.
