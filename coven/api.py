@@ -481,7 +481,20 @@ class CovenAPI:
     @app.route("/api/v1/sessions/<sessionId>", methods=["GET"])
     @app.route("/sessions/<sessionId>", methods=["GET"], endpoint="legacy_getSession")
     async def getSession(self, request: IRequest, sessionId: str) -> bytes:
-        record = await self.store.getSession(sessionId)
+        waitMs = _integerArgument(request, "waitMs", 0, MAX_WAIT_MS) or 0
+        # As for events, the wake-up is registered before the read, so an end
+        # committed between the read and the wait still wakes this request.
+        wakeUp = self.sessions.waitForEnd(sessionId) if waitMs else None
+        try:
+            record = await self.store.getSession(sessionId)
+            if record is not None and record.status == "running" and wakeUp is not None:
+                await self._waitFor(wakeUp, waitMs / 1000)
+                wakeUp = None
+                record = await self.store.getSession(sessionId)
+        finally:
+            if wakeUp is not None:
+                wakeUp.cancel()
+                wakeUp.addErrback(lambda failure: failure.trap(defer.CancelledError))
         if record is None:
             raise SessionNotFound(sessionId=sessionId)
         return self._json(request, record.toJSON())

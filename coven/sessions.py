@@ -82,6 +82,8 @@ class LiveSession:
     drainCall: Any = None
     forceKillCall: Any = None
     ended: defer.Deferred[None] = attrs.Factory(defer.Deferred)
+    # Fired once the session is committed as no longer running; see waitForEnd.
+    endWaiters: list[defer.Deferred[None]] = attrs.Factory(list)
 
     @property
     def acceptsInput(self) -> bool:
@@ -596,6 +598,30 @@ class SessionManager(Service):
         live = await self._lookup(sessionId)
         await self._kill(live, reason)
 
+    def waitForEnd(self, sessionId: str) -> defer.Deferred[None] | None:
+        """
+        Return a Deferred that fires once the live session C{sessionId} is
+        committed as no longer running, by its kill or its exit, or C{None}
+        when no live session has that id. Cancelling it drops the wait.
+        """
+        live = self._live.get(sessionId)
+        if live is None:
+            return None
+
+        def forget(waiter: defer.Deferred[None]) -> None:
+            if waiter in live.endWaiters:
+                live.endWaiters.remove(waiter)
+
+        waiter: defer.Deferred[None] = defer.Deferred(forget)
+        live.endWaiters.append(waiter)
+        return waiter
+
+    @staticmethod
+    def _notifyEnd(live: LiveSession) -> None:
+        waiters, live.endWaiters = live.endWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
     def _kill(self, live: LiveSession, reason: str) -> defer.Deferred[None]:
         live.killed = True
         sessionId = live.record.id
@@ -615,7 +641,12 @@ class SessionManager(Service):
         self._signal(live.pid, live.record.id, signal.SIGTERM)
         live.forceKillCall = self._reactor.callLater(self.killGrace, self._forceKill, live)
         assert committed is not None
-        return committed
+
+        def killCommitted(result: object) -> object:
+            self._notifyEnd(live)
+            return result
+
+        return committed.addBoth(killCommitted)
 
     def _forceKill(self, live: LiveSession) -> None:
         live.forceKillCall = None
@@ -688,7 +719,12 @@ class SessionManager(Service):
         # store's flush of the exit, which was scheduled first.
         self._reactor.callLater(0, self._endLeftovers, live)
         assert committed is not None
-        committed.addBoth(lambda _: live.ended.callback(None))
+
+        def exitCommitted(_: object) -> None:
+            self._notifyEnd(live)
+            live.ended.callback(None)
+
+        committed.addBoth(exitCommitted)
 
     def _endLeftovers(self, live: LiveSession) -> None:
         # A background process of the harness may still hold the PTY. End the

@@ -912,6 +912,87 @@ def test_long_poll_unknown_session(memory: MemoryDaemon) -> None:
     assert memory.clock.getDelayedCalls() == []
 
 
+# Waiting for a session's end
+
+
+def test_session_wait_until_exit(memory: MemoryDaemon) -> None:
+    record, process = memory.launch()
+    pending = memory.send("GET", f"/api/v1/sessions/{record['id']}?waitMs=5000")
+    assert not memory.isSettled(pending)
+
+    process.protocol.outReceived(b"bye\n")
+    assert not memory.isSettled(pending)
+    process.end(exitReason(0))
+    response = memory.settle(pending)
+    assert response.status == 200
+    assert response.body["status"] == "completed"
+    assert response.body["exit_code"] == 0
+    # Woken by the exit's commit, before any time passed.
+    assert memory.clock.seconds() == 0
+
+
+def test_session_wait_until_kill(memory: MemoryDaemon) -> None:
+    record, _ = memory.launch()
+    pending = memory.send("GET", f"/api/v1/sessions/{record['id']}?waitMs=5000")
+    memory.post(f"/api/v1/sessions/{record['id']}/kill")
+
+    response = memory.settle(pending)
+    assert response.body["status"] == "killed"
+    assert memory.clock.seconds() == 0
+
+
+def test_session_wait_times_out(memory: MemoryDaemon) -> None:
+    record, _ = memory.launch()
+    pending = memory.send("GET", f"/sessions/{record['id']}?waitMs=2000")
+    memory.clock.advance(1.5)
+    assert not memory.isSettled(pending)
+
+    memory.clock.advance(0.5)
+    response = memory.settle(pending)
+    assert response.status == 200
+    assert response.body == record
+    assert memory.clock.getDelayedCalls() == []
+
+
+def test_session_wait_ended_at_once(memory: MemoryDaemon) -> None:
+    record, process = memory.launch()
+    process.end(exitReason(3))
+    memory.clock.advance(0)
+
+    pending = memory.send("GET", f"/api/v1/sessions/{record['id']}?waitMs=60000")
+    assert memory.isSettled(pending)
+    assert memory.settle(pending).body["status"] == "failed"
+
+
+def test_session_wait_client_gone(memory: MemoryDaemon) -> None:
+    record, process = memory.launch()
+    pending = memory.send("GET", f"/api/v1/sessions/{record['id']}?waitMs=5000")
+    assert not memory.isSettled(pending)
+
+    pending.deferred.cancel()
+    memory.client.flush()
+    # The daemon dropped the wait and its timer.
+    assert memory.clock.getDelayedCalls() == []
+    assert memory.sessions._live[record["id"]].endWaiters == []
+    process.end(exitReason(0))
+    assert memory.get(f"/api/v1/sessions/{record['id']}").body["status"] == "completed"
+
+
+def test_session_wait_unknown_session(memory: MemoryDaemon) -> None:
+    unknown = str(uuid.uuid4())
+    pending = memory.send("GET", f"/api/v1/sessions/{unknown}?waitMs=5000")
+    checkError(memory.settle(pending), 404, "session_not_found")
+    assert memory.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("value", ["60001", "-5", "soon"])
+def test_session_wait_bad_integer(memory: MemoryDaemon, value: str) -> None:
+    record, _ = memory.launch()
+    response = memory.get(f"/api/v1/sessions/{record['id']}", waitMs=value)
+    error = checkError(response, 400, "invalid_request")
+    assert error["details"] == {"field": "waitMs", "value": value}
+
+
 # Input
 
 

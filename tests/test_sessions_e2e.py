@@ -314,6 +314,24 @@ async def test_long_poll_woken_by_output(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_session_wait_returns_at_exit(daemon):
+    client = daemon.client
+    session = await client.launch(daemon.project, "echo")
+    await client.waitForOutput(session["id"], "ready")
+
+    started = time.monotonic()
+    wait = client.get(f"/api/v1/sessions/{session['id']}?waitMs=30000")
+    await client.post(f"/api/v1/sessions/{session['id']}/input", {"data": "quit\n"})
+    status, record = await wait
+    elapsed = time.monotonic() - started
+
+    assert status == 200
+    assert record["status"] == "completed"
+    assert record["exit_code"] == 0
+    assert elapsed < 10
+
+
+@pytest_twisted.ensureDeferred
 async def test_long_poll_times_out_empty(daemon):
     client = daemon.client
     session = await client.launch(daemon.project, "sleep")
