@@ -41,6 +41,7 @@ from coven.client import (
 )
 from coven.harnesses import HarnessRegistry
 from coven.records import Event, SessionRecord
+from coven.store import SCHEMA_VERSION, schemaProblem
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
@@ -773,7 +774,7 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
                 )
             await sleep(reactor, POLL_INTERVAL)
         output.seek(0)
-        message = output.read().decode("utf-8", "replace").strip()
+        message = output.read().decode("utf-8", "replace").strip().removeprefix("coven: ")
     if process.returncode != 0:
         raise CommandFailed(
             f"twistd could not start the daemon (exit code {process.returncode}):"
@@ -928,10 +929,18 @@ def checkDatabase(report: _Report, path: str) -> None:
     except sqlite3.Error as error:
         report.fail(f"database {path} cannot be read: {error}")
         return
-    if result == "ok":
-        report.ok(f"database {path}: integrity check ok, schema version {version}")
-    else:
+    problem = schemaProblem(version, path)
+    if result != "ok":
         report.fail(f"database {path}: integrity check failed: {result}")
+    elif problem is not None:
+        report.fail(problem)
+    elif version < SCHEMA_VERSION:
+        report.ok(
+            f"database {path}: integrity check ok, schema version {version}"
+            f" (the daemon upgrades it to {SCHEMA_VERSION} when it starts)"
+        )
+    else:
+        report.ok(f"database {path}: integrity check ok, schema version {version}")
 
 
 async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namespace) -> int:
@@ -1122,6 +1131,11 @@ async def dispatch(reactor: Any, args: argparse.Namespace) -> int:
         sys.stderr.write(f"coven: {describeAPIError(error)}\n")
         if error.code == "session_not_found":
             sys.stderr.write("coven: `coven sessions --all` lists every session, archived ones included.\n")
+        elif args.handler is runCommand and error.details.get("field") == "projectRoot":
+            sys.stderr.write(
+                "coven: `coven run` takes the git work tree around the current folder as the"
+                " project, else the folder itself; change to the project's folder and run again.\n"
+            )
         return EXIT_API_ERROR
     except (DaemonUnreachable, IncompatibleDaemon, CommandFailed) as error:
         sys.stderr.write(f"coven: {error}\n")

@@ -6,6 +6,7 @@ import ctypes
 import fcntl
 import json
 import os
+import sqlite3
 import sys
 import tomllib
 from typing import Any
@@ -21,7 +22,7 @@ from coven.harnesses import HarnessRegistry
 from coven.home import defaultHome, socketPathProblem
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
-from coven.store import Store, StoreSchemaError
+from coven.store import Store, StoreSchemaError, checkDatabaseSchema
 from coven.web import CovenSite
 
 log = Logger()
@@ -336,8 +337,16 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
         raise SystemExit(1)
     try:
         service.prepareHome()
-    except HomeInUse as error:
+        # Before twistd detaches, so the reason reaches the terminal whole.
+        checkDatabaseSchema(service.store.path)
+    except (HomeInUse, StoreSchemaError) as error:
         sys.stderr.write(f"coven: {error}\n")
+        raise SystemExit(1) from None
+    except sqlite3.Error as error:
+        sys.stderr.write(
+            f"coven: database {service.store.path} cannot be read: {error};"
+            " `coven doctor` checks it, or use another --home\n"
+        )
         raise SystemExit(1) from None
     return service
 

@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections import deque
 from typing import Any, Callable, Iterable
+from urllib.request import pathname2url
 
 import attrs
 from twisted.application.service import Service
@@ -229,6 +230,39 @@ class _OutputWrite:
 _Op = _Write | _EventWrite | _OutputWrite
 
 
+def schemaProblem(version: int, path: str) -> str | None:
+    """
+    Return why this daemon cannot use a database of schema C{version}, or
+    C{None} when it can, upgrading it if needed.
+    """
+    if version > SCHEMA_VERSION:
+        return (
+            f"database {path} has schema version {version}, but this Coven supports"
+            f" versions up to {SCHEMA_VERSION}; upgrade Coven or use another --home"
+        )
+    return None
+
+
+def checkDatabaseSchema(path: str) -> None:
+    """
+    Check, without changing anything, that this daemon can use the database at
+    C{path}, if there is one.
+
+    @raise StoreSchemaError: the file has a newer schema than this daemon supports.
+    """
+    if not os.path.exists(path):
+        return
+    uri = "file:" + pathname2url(path) + "?mode=ro"
+    connection = sqlite3.connect(uri, uri=True)
+    try:
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+    finally:
+        connection.close()
+    problem = schemaProblem(version, path)
+    if problem is not None:
+        raise StoreSchemaError(problem)
+
+
 def openDatabase(path: str) -> list[str]:
     """
     Create or upgrade the database at C{path} and mark sessions left C{running}
@@ -266,10 +300,16 @@ def prepareDatabase(connection: sqlite3.Connection, name: str) -> list[str]:
 
 def _migrate(connection: sqlite3.Connection, path: str) -> None:
     (version,) = connection.execute("PRAGMA user_version").fetchone()
-    if version > SCHEMA_VERSION:
-        raise StoreSchemaError(
-            f"database {path} has schema version {version}, but this Coven supports"
-            f" versions up to {SCHEMA_VERSION}; upgrade Coven or use another --home"
+    problem = schemaProblem(version, path)
+    if problem is not None:
+        raise StoreSchemaError(problem)
+    if 0 < version < SCHEMA_VERSION:
+        log.info(
+            "Upgrading database {path} from schema version {version} to {target};"
+            " earlier Coven versions cannot open it afterwards",
+            path=path,
+            version=version,
+            target=SCHEMA_VERSION,
         )
 
     for target in range(version, SCHEMA_VERSION):

@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any, Iterator
 import attrs
 import ptyprocess
 import pytest
+
+from coven.store import SCHEMA_VERSION
 
 from .support import TESTS, harnessConfig, processExists, requestBlocking, waitUntil
 
@@ -427,6 +430,56 @@ def test_doctor(cliDaemon, emptyHome):
     assert missing.returncode == 3
     assert f"FAIL  home {emptyHome} has mode 0755" in missing.stdout
     assert "FAIL  Coven daemon is not running at" in missing.stdout
+
+
+def test_run_at_filesystem_root_explained(cliDaemon):
+    result = coven(cliDaemon.home, "run", "fake", "print hi", "--detach", cwd="/")
+
+    assert result.returncode == 1
+    assert "[invalid_request; field=projectRoot" in result.stderr
+    assert result.stderr.endswith(
+        "coven: `coven run` takes the git work tree around the current folder as the project,"
+        " else the folder itself; change to the project's folder and run again.\n"
+    )
+
+
+def writeSchemaVersion(home: str, version: int) -> str:
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    path = os.path.join(home, "coven.sqlite3")
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"PRAGMA user_version = {version}")
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_newer_database_reported(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    path = writeSchemaVersion(home, SCHEMA_VERSION + 1)
+    problem = (
+        f"database {path} has schema version {SCHEMA_VERSION + 1}, but this Coven supports"
+        f" versions up to {SCHEMA_VERSION}; upgrade Coven or use another --home"
+    )
+
+    report = coven(home, "doctor")
+    started = coven(home, "daemon", "start")
+
+    assert report.returncode == 3
+    assert f"FAIL  {problem}\n" in report.stdout
+    assert started.returncode == 1
+    assert f"(exit code 1): {problem}; see {home}/coven.log." in started.stderr
+    assert "Traceback" not in started.stderr
+
+
+def test_older_database_upgrade_reported(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    path = writeSchemaVersion(home, 1)
+
+    report = coven(home, "doctor")
+
+    assert (
+        f"ok    database {path}: integrity check ok, schema version 1"
+        f" (the daemon upgrades it to {SCHEMA_VERSION} when it starts)\n"
+    ) in report.stdout
 
 
 def test_doctor_names_harness_file_without_executables(emptyHome):

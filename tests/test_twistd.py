@@ -9,12 +9,15 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import subprocess
 import sys
 
 import pytest
+
+from coven.store import SCHEMA_VERSION
 
 from .support import (
     harnessConfig,
@@ -143,6 +146,30 @@ def test_second_daemon_refused(foreground, home):
     status, health = requestBlocking(socketPath, "GET", "/api/v1/health")
     assert status == 200
     assert health["daemon"]["pid"] == process.pid
+
+
+def test_newer_database_refused_in_one_line(home):
+    covenHome = os.path.join(home, "coven")
+    os.makedirs(covenHome, mode=0o700)
+    path = os.path.join(covenHome, "coven.sqlite3")
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"coven: database {path} has schema version {SCHEMA_VERSION + 1}, but this Coven"
+        f" supports versions up to {SCHEMA_VERSION}; upgrade Coven or use another --home\n"
+    )
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
 
 
 def test_detached_with_pidfile(home):
