@@ -380,7 +380,9 @@ class SessionManager(Service):
             reason = f"executable {harness.command[0]!r} was not found on the daemon's PATH"
             await self._recordSpawnFailure(record, reason)
             raise PtySpawnFailed(
-                f"Harness {harness.id} could not be launched: {reason}.",
+                f"Harness {harness.id} could not be launched: {reason}. Install it in a folder"
+                " on that PATH and restart the daemon, or set its command in"
+                f" {self.harnesses.configPath}.",
                 sessionId=sessionId,
                 harness=harness.id,
             )
