@@ -14,6 +14,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
 
+from coven.ptyreader import MAX_PENDING_BYTES
+
 from .conftest import startDaemon
 from .fake_harness import pattern
 from .support import (
@@ -152,7 +154,11 @@ async def test_store_full_holds_output(daemon):
     store = daemon.service.store
     store.highWater = 64 * 1024
     store.lowWater = 16 * 1024
-    size = 1024 * 1024
+    # More than the PTY reader thread holds for one PTY (MAX_PENDING_BYTES) and
+    # the store's queue together, so the harness must block. With 1 MiB, a
+    # reactor slowed by a busy machine let the reader take all of it, and the
+    # harness exited.
+    size = 4 * MAX_PENDING_BYTES
     session = await client.launch(daemon.project, f"wait-burst {size}")
     await client.waitForOutput(session["id"], "ready")
     pid = daemon.service.sessions.liveSession(session["id"]).pid
