@@ -111,7 +111,7 @@ IDLE_AFTER_LOAD_DELAY = 2.0
 # 2-vCPU machine). Larger pages make every small commit write more to the WAL.
 PAGE_SIZE = 16 * 1024
 # The store copies the WAL into the database (a checkpoint) on a connection of
-# its own once writes and reads pause for CHECKPOINT_DELAY seconds, if at least
+# its own once writes pause for CHECKPOINT_DELAY seconds, if at least
 # CHECKPOINT_AFTER_BYTES were committed since the last one. Writes that never
 # pause for that long put it off by at most CHECKPOINT_MAX_DELAY seconds.
 # Before, SQLite did it in the commit that took the WAL past 16 MiB: the writer
@@ -797,11 +797,6 @@ class Store(Service):
     def _read(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         if self._reader is None:
             return defer.fail(RuntimeUnavailable("The session store is not open."))
-        # A checkpoint takes CPU from a client reading a burst back: 100 MB
-        # were read back at 109 against 102 MB/s with it put off (medians of
-        # 6). Reads put off a pending one as writes do, within the same limit.
-        if self._checkpointCall is not None and self._checkpointCall.active():
-            self._scheduleCheckpoint()
         return self._reader.runInteraction(function, *args)
 
     def getSession(self, sessionId: str) -> defer.Deferred[SessionRecord | None]:

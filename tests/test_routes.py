@@ -1490,35 +1490,6 @@ def test_checkpoint_put_off_for_at_most_max_delay(memory: MemoryDaemon) -> None:
     assert CHECKPOINT_MAX_DELAY <= memory.clock.seconds() - started <= CHECKPOINT_MAX_DELAY + CHECKPOINT_DELAY
 
 
-def test_checkpoint_put_off_by_reads(memory: MemoryDaemon) -> None:
-    record, process = memory.launch()
-    process.protocol.outReceived(b"x" * 1023 * 1024 + b"\n")
-    memory.clock.advance(0)
-    started = memory.clock.seconds()
-
-    memory.clock.advance(CHECKPOINT_DELAY * 0.8)
-    memory.events(record["id"])
-    memory.clock.advance(CHECKPOINT_DELAY * 0.8)
-    # The read put the checkpoint off again.
-    whileReading = memory.store.checkpoints
-    memory.clock.advance(CHECKPOINT_DELAY * 0.2)
-    afterReads = memory.store.checkpoints
-
-    # Reads every half delay put it off for at most CHECKPOINT_MAX_DELAY.
-    process.protocol.outReceived(b"x" * 1023 * 1024 + b"\n")
-    memory.clock.advance(0)
-    secondStarted = memory.clock.seconds()
-    while memory.store.checkpoints == 1 and memory.clock.seconds() - secondStarted < 3 * CHECKPOINT_MAX_DELAY:
-        memory.events(record["id"])
-        memory.clock.advance(CHECKPOINT_DELAY / 2)
-
-    assert whileReading == 0
-    assert afterReads == 1
-    assert memory.clock.seconds() - started >= CHECKPOINT_DELAY * 1.8
-    assert memory.store.checkpoints == 2
-    assert CHECKPOINT_MAX_DELAY <= memory.clock.seconds() - secondStarted <= CHECKPOINT_MAX_DELAY + CHECKPOINT_DELAY
-
-
 def test_idle_after_load_called_once(memory: MemoryDaemon) -> None:
     calls: list[None] = []
     memory.store.onIdleAfterLoad = lambda: calls.append(None)
