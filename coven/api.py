@@ -483,8 +483,12 @@ class CovenAPI:
     async def getSession(self, request: IRequest, sessionId: str) -> bytes:
         waitMs = _integerArgument(request, "waitMs", 0, MAX_WAIT_MS) or 0
         # As for events, the wake-up is registered before the read, so an end
-        # committed between the read and the wait still wakes this request.
-        wakeUp = self.sessions.waitForEnd(sessionId) if waitMs else None
+        # committed between the read and the wait still wakes this request. A
+        # session that exited but whose exit is not stored yet is no longer
+        # live, and the exit event's commit ends its wait.
+        wakeUp = None
+        if waitMs:
+            wakeUp = self.sessions.waitForEnd(sessionId) or self.store.waitForEvents(sessionId)
         try:
             record = await self.store.getSession(sessionId)
             if record is not None and record.status == "running" and wakeUp is not None:

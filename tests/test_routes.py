@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import sqlite3
 import uuid
 from typing import Any, Iterator
 
@@ -14,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 
+from coven import store as storeModule
 from coven.records import SessionRecord
 from coven.sessions import DRAIN_TIMEOUT
 from coven.store import CHECKPOINT_DELAY, CHECKPOINT_MAX_DELAY, IDLE_AFTER_LOAD_DELAY
@@ -976,6 +978,39 @@ def test_session_wait_client_gone(memory: MemoryDaemon) -> None:
     assert memory.sessions._live[record["id"]].endWaiters == []
     process.end(exitReason(0))
     assert memory.get(f"/api/v1/sessions/{record['id']}").body["status"] == "completed"
+
+
+def test_session_wait_between_exit_and_commit(memory: MemoryDaemon) -> None:
+    record, process = memory.launch()
+    # The harness exited; its exit is queued but not committed.
+    process.end(exitReason(0))
+    assert record["id"] not in memory.sessions._live
+
+    pending = memory.send("GET", f"/api/v1/sessions/{record['id']}?waitMs=5000")
+
+    # Returned once the exit was committed, not at once as still running.
+    response = memory.settle(pending)
+    assert response.body["status"] == "completed"
+    assert memory.clock.seconds() == 0
+
+
+def test_session_wait_while_store_cannot_write(memory: MemoryDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    record, process = memory.launch()
+    original = storeModule._writeBatch
+
+    def diskFull(cursor: Any, batch: Any, sqliteJSON: bool = True) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(storeModule, "_writeBatch", diskFull)
+    process.end(exitReason(0))
+    memory.clock.advance(0)
+    pending = memory.send("GET", f"/api/v1/sessions/{record['id']}?waitMs=5000")
+    settledWhileFull = memory.isSettled(pending)
+    monkeypatch.setattr(storeModule, "_writeBatch", original)
+    memory.clock.advance(1)
+
+    assert not settledWhileFull
+    assert memory.settle(pending).body["status"] == "completed"
 
 
 def test_session_wait_unknown_session(memory: MemoryDaemon) -> None:
