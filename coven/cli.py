@@ -747,6 +747,19 @@ async def daemonHealth(client: CovenClient) -> Any:
         return None
 
 
+def logPointer(logPath: str, since: float) -> str:
+    """
+    Return "; see LOGPATH" when the log was written at or after C{since} (a
+    time.time() value, with a second of slack), else "". A start refused before
+    twistd opens its log, such as for a home in use, has no log to point to.
+    """
+    try:
+        written = os.stat(logPath).st_mtime >= since - 1
+    except OSError:
+        written = False
+    return f"; see {logPath}" if written else ""
+
+
 async def startDaemon(reactor: Any, client: CovenClient) -> int:
     health = await daemonHealth(client)
     if health is not None:
@@ -757,6 +770,7 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
     home = client.home
     os.makedirs(home, mode=0o700, exist_ok=True)
     logPath = os.path.join(home, "coven.log")
+    startedAt = time.time()
     with tempfile.TemporaryFile() as output:
         # twistd's first process exits once the daemonized one has started its
         # service, with a non-zero code and a message when that failed.
@@ -778,7 +792,7 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
     if process.returncode != 0:
         raise CommandFailed(
             f"twistd could not start the daemon (exit code {process.returncode}):"
-            f" {message or 'no message'}; see {logPath}."
+            f" {message or 'no message'}{logPointer(logPath, startedAt)}."
         )
 
     while True:

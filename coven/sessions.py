@@ -381,8 +381,8 @@ class SessionManager(Service):
             await self._recordSpawnFailure(record, reason)
             raise PtySpawnFailed(
                 f"Harness {harness.id} could not be launched: {reason}. Install it in a folder"
-                " on that PATH and restart the daemon, or set its command in"
-                f" {self.harnesses.configPath}.",
+                f" on that PATH ({environment.get('PATH', os.defpath)}), or set its command in"
+                f" {self.harnesses.configPath}. A different PATH takes a restart of the daemon.",
                 sessionId=sessionId,
                 harness=harness.id,
             )

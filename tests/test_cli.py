@@ -21,6 +21,7 @@ import attrs
 import ptyprocess
 import pytest
 
+from coven.cli import logPointer
 from coven.store import SCHEMA_VERSION
 
 from .support import TESTS, harnessConfig, processExists, requestBlocking, waitUntil
@@ -466,8 +467,24 @@ def test_newer_database_reported(emptyHome):
     assert report.returncode == 3
     assert f"FAIL  {problem}\n" in report.stdout
     assert started.returncode == 1
-    assert f"(exit code 1): {problem}; see {home}/coven.log." in started.stderr
+    # Refused before twistd opened a log, so no log is named.
+    assert f"(exit code 1): {problem}.\n" in started.stderr
+    assert not os.path.exists(os.path.join(home, "coven.log"))
     assert "Traceback" not in started.stderr
+
+
+def test_log_pointer_only_for_log_of_this_start(tmp_path):
+    logPath = str(tmp_path / "coven.log")
+    missing = logPointer(logPath, time.time())
+    with open(logPath, "w") as file:
+        file.write("started\n")
+    fresh = logPointer(logPath, time.time())
+    os.utime(logPath, (time.time() - 60, time.time() - 60))
+    old = logPointer(logPath, time.time())
+
+    assert missing == ""
+    assert fresh == f"; see {logPath}"
+    assert old == ""
 
 
 def test_older_database_upgrade_reported(emptyHome):

@@ -163,9 +163,10 @@ async def test_missing_executable_fails_spawn(daemon):
     assert status == 500
     assert body["error"]["code"] == "pty_spawn_failed"
     assert body["error"]["details"]["harness"] == "ghost"
+    assert " Install it in a folder on that PATH (" in body["error"]["message"]
     assert body["error"]["message"].endswith(
-        " Install it in a folder on that PATH and restart the daemon, or set its command in"
-        f" {daemon.home}/harnesses.toml."
+        f"), or set its command in {daemon.home}/harnesses.toml."
+        " A different PATH takes a restart of the daemon."
     )
     sessionId = body["error"]["details"]["sessionId"]
     status, record = await daemon.client.get(f"/api/v1/sessions/{sessionId}")
