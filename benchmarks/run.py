@@ -53,7 +53,7 @@ FINISHED_STATUSES = {"completed", "failed", "killed", "orphaned"}
 EXIT_POLL_INTERVAL = 0.005
 # A long poll held at least this long (of the requested 400 ms) counts as supported.
 LONG_POLL_PROBE_MS = 400
-# The longest wait for a session's end in one request.
+# The maximum waitMs of one request that waits for a session's end.
 EXIT_WAIT_MS = 30000
 LONG_POLL_MIN_SECONDS = 0.3
 
@@ -725,24 +725,24 @@ def measureManySessions(
     }
 
 
-def rawPtyLoop(binDir: str, sizeMB: int) -> dict[str, Any]:
+def readRawPty(binDir: str, prompt: str, onData: Callable[[bytes], None]) -> tuple[int, int]:
     """
-    Read the same burst straight from a PTY master, with no daemon: the ceiling.
+    Run the codex harness of C{binDir} with C{prompt} on a new PTY, with no
+    daemon, and hand each read of the PTY master to C{onData}.
+
+    @return: the monotonic clock in ns just before the harness was started
+        and once its PTY ended.
     """
-    size = sizeMB * MB
     master, slave = os.openpty()
-    started = time.monotonic()
+    started = time.monotonic_ns()
     process = subprocess.Popen(
-        [os.path.join(binDir, "codex"), "--", f"burst {size}"],
+        [os.path.join(binDir, "codex"), "--", prompt],
         stdin=slave,
         stdout=slave,
         stderr=slave,
         start_new_session=True,
     )
     os.close(slave)
-
-    total = reads = 0
-    digest = hashlib.sha256()
     try:
         while True:
             try:
@@ -751,13 +751,29 @@ def rawPtyLoop(binDir: str, sizeMB: int) -> dict[str, Any]:
                 break
             if not data:
                 break
-            digest.update(data)
-            total += len(data)
-            reads += 1
+            onData(data)
     finally:
         os.close(master)
-    seconds = time.monotonic() - started
+    ended = time.monotonic_ns()
     process.wait(30)
+    return started, ended
+
+
+def rawPtyLoop(binDir: str, sizeMB: int) -> dict[str, Any]:
+    """
+    Read the same burst straight from a PTY master, with no daemon: the ceiling.
+    """
+    size = sizeMB * MB
+    digest = hashlib.sha256()
+    sizes: list[int] = []
+
+    def onData(data: bytes) -> None:
+        digest.update(data)
+        sizes.append(len(data))
+
+    started, ended = readRawPty(binDir, f"burst {size}", onData)
+    seconds = (ended - started) / 1e9
+    total, reads = sum(sizes), len(sizes)
 
     return {
         f"raw{sizeMB}_seconds": seconds,

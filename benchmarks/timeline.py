@@ -5,14 +5,14 @@
 Starts our daemon like benchmarks/run.py does. The harness runs in its
 "stamped" mode: it prints its monotonic clock before the burst and again after
 its last write returned. For the raw PTY loop and for the daemon, each round
-then gives:
+then gives three parts:
 
-  start   from subprocess.Popen, or from the launch request, to the harness's
-          first stamp: the fork, the exec and the interpreter's start
-  stream  from the first stamp to the second: how fast the harness could
-          write, which is how fast the other side read
-  tail    from the second stamp to the end: the raw loop's end of file, or
-          the daemon's exit seen by a status poll every 5 ms, as in run.py
+- start: from subprocess.Popen, or from the launch request, to the harness's
+  first stamp. It is the fork, the exec and the interpreter's start.
+- stream: from the first stamp to the second. The harness writes as fast as
+  the other side reads.
+- tail: from the second stamp to the end, which is the raw loop's end of
+  file, or the daemon's exit as run.waitExited detects it.
 
 The stamps add two short lines to the burst. Both clocks are CLOCK_MONOTONIC
 on the same machine.
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,10 @@ def stamps(data: bytes) -> tuple[int, int]:
     first, _, rest = data.partition(b"\n")
     last = rest.rstrip(b"\n").rpartition(b"\n")[2]
     if not (first.startswith(b"start ") and last.startswith(b"end ")):
-        raise RuntimeError(f"output does not start and end with stamps: {first[:40]!r} ... {last[-40:]!r}")
+        raise RuntimeError(
+            f"harness output does not start with a start stamp and end with an end stamp:"
+            f" {first[:40]!r} ... {last[-40:]!r}; is benchmarks/ first on the daemon's PATH?"
+        )
     return int(first.split()[1]), int(last.split()[1])
 
 
@@ -57,30 +59,8 @@ def parts(began: int, data: bytes, ended: int) -> dict[str, float]:
 
 
 def rawRound(size: int) -> dict[str, float]:
-    master, slave = os.openpty()
-    began = time.monotonic_ns()
-    process = subprocess.Popen(
-        [os.path.join(run.BENCHMARKS, "codex"), "--", f"stamped {size}"],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        start_new_session=True,
-    )
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(master)
-    ended = time.monotonic_ns()
-    process.wait(30)
+    chunks: list[bytes] = []
+    began, ended = run.readRawPty(run.BENCHMARKS, f"stamped {size}", chunks.append)
     return parts(began, b"".join(chunks), ended)
 
 
