@@ -863,14 +863,22 @@ def test_long_poll_after_cursor(memory: MemoryDaemon) -> None:
     assert [payload(event)["data"] for event in response.body["events"]] == ["second\n"]
 
 
-def test_long_poll_times_out(memory: MemoryDaemon) -> None:
-    record, _ = memory.launch()
-    pending = memory.send("GET", f"/api/v1/events?sessionId={record['id']}&waitMs=2000")
+def settleAfterWaitMs(memory: MemoryDaemon, path: str) -> Response:
+    """
+    Send a GET of C{path}, which has waitMs=2000, check that it is still open
+    after 1.5 s, and return its response once the 2 s have passed.
+    """
+    pending = memory.send("GET", path)
     memory.clock.advance(1.5)
     assert not memory.isSettled(pending)
 
     memory.clock.advance(0.5)
-    response = memory.settle(pending)
+    return memory.settle(pending)
+
+
+def test_long_poll_times_out(memory: MemoryDaemon) -> None:
+    record, _ = memory.launch()
+    response = settleAfterWaitMs(memory, f"/api/v1/events?sessionId={record['id']}&waitMs=2000")
     assert response.status == 200
     assert response.body == {"events": [], "nextCursor": None, "hasMore": False}
 
@@ -945,12 +953,7 @@ def test_session_wait_until_kill(memory: MemoryDaemon) -> None:
 
 def test_session_wait_times_out(memory: MemoryDaemon) -> None:
     record, _ = memory.launch()
-    pending = memory.send("GET", f"/sessions/{record['id']}?waitMs=2000")
-    memory.clock.advance(1.5)
-    assert not memory.isSettled(pending)
-
-    memory.clock.advance(0.5)
-    response = memory.settle(pending)
+    response = settleAfterWaitMs(memory, f"/sessions/{record['id']}?waitMs=2000")
     assert response.status == 200
     assert response.body == record
     assert memory.clock.getDelayedCalls() == []

@@ -41,6 +41,13 @@ def readDaemonFile(home: str) -> dict:
         return json.load(file)
 
 
+def runTwistd(home: str, *arguments: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """
+    Run twistd with C{arguments} in C{home} until it exits, capturing its output.
+    """
+    return subprocess.run([TWISTD, *arguments], cwd=home, capture_output=True, text=True, timeout=timeout)
+
+
 def launch(socketPath: str, project: str, prompt: str) -> dict:
     status, body = requestBlocking(
         socketPath,
@@ -132,13 +139,7 @@ def test_foreground_serves_and_stops_cleanly(foreground):
 def test_second_daemon_refused(foreground, home):
     process, covenHome, socketPath, project = foreground
 
-    second = subprocess.run(
-        [TWISTD, "-n", "--pidfile", os.path.join(home, "second.pid"), "coven", "--home", covenHome],
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    second = runTwistd(home, "-n", "--pidfile", os.path.join(home, "second.pid"), "coven", "--home", covenHome)
 
     assert second.returncode == 1
     assert f"Another Coven daemon is already serving {covenHome}" in second.stderr
@@ -155,13 +156,7 @@ def test_newer_database_refused_in_one_line(home):
     with sqlite3.connect(path) as connection:
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
 
-    result = subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome],
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", covenHome)
 
     assert result.returncode == 1
     assert result.stderr == (
@@ -178,12 +173,8 @@ def test_detached_with_pidfile(home):
     pidFile = os.path.join(home, "coven.pid")
     socketPath = os.path.join(covenHome, "coven.sock")
 
-    started = subprocess.run(
-        [TWISTD, "--pidfile", pidFile, "--logfile", os.path.join(home, "coven.log"), "coven", "--home", covenHome],
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    started = runTwistd(
+        home, "--pidfile", pidFile, "--logfile", os.path.join(home, "coven.log"), "coven", "--home", covenHome
     )
     assert started.returncode == 0, started.stderr
     waitUntil(lambda: os.path.exists(os.path.join(covenHome, "daemon.json")))
@@ -327,13 +318,7 @@ def test_listen_endpoint_option(home, kind):
 def test_listen_failure_stops_daemon(home):
     covenHome = os.path.join(home, "coven")
     listen = f"unix:{os.path.join(home, 'missing', 'other.sock')}"
-    result = subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome, "--listen", listen],
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", covenHome, "--listen", listen, timeout=30)
 
     assert "Cannot listen on" in result.stdout
     assert not os.path.exists(os.path.join(covenHome, "daemon.json"))
@@ -341,13 +326,7 @@ def test_listen_failure_stops_daemon(home):
 
 def test_long_home_rejected_before_start(home):
     covenHome = os.path.join(home, "h" * 120)
-    result = subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "coven", "--home", covenHome],
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", covenHome, timeout=30)
 
     assert result.returncode == 1
     assert "a Unix socket path can have at most 107" in result.stderr
@@ -356,13 +335,7 @@ def test_long_home_rejected_before_start(home):
 
 
 def test_empty_home_rejected(home):
-    result = subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "coven", "--home", ""],
-        cwd=home,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", "", timeout=30)
 
     assert result.returncode == 2
     assert result.stderr == "coven: --home is empty; give a folder, or leave it out for $COVEN_HOME or ~/.coven\n"
