@@ -50,6 +50,15 @@ def jsonBytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def _dropWakeUp(wakeUp: defer.Deferred[None] | None) -> None:
+    """
+    Cancel a long poll's wake-up that did not fire, and drop its cancellation.
+    """
+    if wakeUp is not None:
+        wakeUp.cancel()
+        wakeUp.addErrback(lambda failure: failure.trap(defer.CancelledError))
+
+
 def _rejectConstant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -496,9 +505,7 @@ class CovenAPI:
                 wakeUp = None
                 record = await self.store.getSession(sessionId)
         finally:
-            if wakeUp is not None:
-                wakeUp.cancel()
-                wakeUp.addErrback(lambda failure: failure.trap(defer.CancelledError))
+            _dropWakeUp(wakeUp)
         if record is None:
             raise SessionNotFound(sessionId=sessionId)
         return self._json(request, record.toJSON())
@@ -591,9 +598,7 @@ class CovenAPI:
                 if page is None:
                     raise SessionNotFound(sessionId=sessionId)
         finally:
-            if wakeUp is not None:
-                wakeUp.cancel()
-                wakeUp.addErrback(lambda failure: failure.trap(defer.CancelledError))
+            _dropWakeUp(wakeUp)
         request.setHeader(b"Content-Type", b"application/json")
         return page.body
 

@@ -21,7 +21,6 @@ import time
 import traceback
 import tty
 from typing import Any, Awaitable, Callable
-from urllib.request import pathname2url
 
 from twisted.internet import defer, main as reactorMain, task
 from twisted.internet.interfaces import IReadDescriptor
@@ -41,7 +40,7 @@ from coven.client import (
 )
 from coven.harnesses import HarnessRegistry
 from coven.records import Event, SessionRecord
-from coven.store import SCHEMA_VERSION, schemaProblem
+from coven.store import SCHEMA_VERSION, connectReadOnly, schemaProblem
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
@@ -932,9 +931,8 @@ def checkPrivate(report: _Report, what: str, path: str, expectedMode: int, isKin
 
 
 def checkDatabase(report: _Report, path: str) -> None:
-    uri = "file:" + pathname2url(path) + "?mode=ro"
     try:
-        connection = sqlite3.connect(uri, uri=True)
+        connection = connectReadOnly(path)
         try:
             (result,) = connection.execute("PRAGMA integrity_check").fetchone()
             (version,) = connection.execute("PRAGMA user_version").fetchone()

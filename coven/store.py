@@ -243,6 +243,13 @@ def schemaProblem(version: int, path: str) -> str | None:
     return None
 
 
+def connectReadOnly(path: str) -> sqlite3.Connection:
+    """
+    Open the database at C{path} for reading only, without creating it.
+    """
+    return sqlite3.connect("file:" + pathname2url(path) + "?mode=ro", uri=True)
+
+
 def checkDatabaseSchema(path: str) -> None:
     """
     Check, without changing anything, that this daemon can use the database at
@@ -252,8 +259,7 @@ def checkDatabaseSchema(path: str) -> None:
     """
     if not os.path.exists(path):
         return
-    uri = "file:" + pathname2url(path) + "?mode=ro"
-    connection = sqlite3.connect(uri, uri=True)
+    connection = connectReadOnly(path)
     try:
         (version,) = connection.execute("PRAGMA user_version").fetchone()
     finally:
