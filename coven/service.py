@@ -337,7 +337,7 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
         raise SystemExit(1)
     try:
         service.prepareHome()
-        # Before twistd detaches, so the reason reaches the terminal whole.
+        # This runs before twistd detaches, so the whole message reaches the terminal.
         checkDatabaseSchema(service.store.path)
     except (HomeInUse, StoreSchemaError) as error:
         sys.stderr.write(f"coven: {error}\n")

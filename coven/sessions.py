@@ -82,7 +82,7 @@ class LiveSession:
     drainCall: Any = None
     forceKillCall: Any = None
     ended: defer.Deferred[None] = attrs.Factory(defer.Deferred)
-    # Fired once the session is committed as no longer running; see waitForEnd.
+    # The Deferreds of waitForEnd, fired once the kill or the exit is committed.
     endWaiters: list[defer.Deferred[None]] = attrs.Factory(list)
 
     @property
@@ -605,6 +605,9 @@ class SessionManager(Service):
         Return a Deferred that fires once the live session C{sessionId} is
         committed as no longer running, by its kill or its exit, or C{None}
         when no live session has that id. Cancelling it drops the wait.
+
+        NOTE: it also fires when that write fails, and the session is then
+        still C{running} in the store, so callers read the status again.
         """
         live = self._live.get(sessionId)
         if live is None:
