@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import os
 import sqlite3
@@ -33,17 +32,11 @@ SESSION_COLUMNS = (
 # An output event whose payload is only {"data": TEXT} stores TEXT unencoded in
 # the data column, with an empty payload_json, and reads build the payload:
 # encoding it took half of the writer thread's SQLite CPU during a burst.
-# "|| ''" makes the payload plain text, which json_object then quotes.
-EVENT_PAYLOAD = "CASE WHEN data IS NULL THEN payload_json ELSE json_object('data', data) || '' END"
-EVENT_COLUMNS = f"seq, id, session_id, kind, {EVENT_PAYLOAD}, created_at"
-# The same columns for an SQLite without JSON functions; see _eventFromRow.
-EVENT_COLUMNS_RAW = "seq, id, session_id, kind, payload_json, data, created_at"
-# One event as the API's JSON object, built by SQLite: the same text as
-# json.dumps(event.toJSON(), separators=(",", ":"), ensure_ascii=False), but
-# made in the reader thread without holding the GIL.
-EVENT_JSON = (
-    "json_object('seq', seq, 'id', id, 'session_id', session_id, 'kind', kind,"
-    f" 'payload_json', {EVENT_PAYLOAD}, 'created_at', created_at)"
+EVENT_COLUMNS = "seq, id, session_id, kind, payload_json, data, created_at"
+# The same columns as their stored UTF-8 bytes, for _renderEvent.
+EVENT_COLUMNS_BYTES = (
+    "seq, CAST(id AS BLOB), CAST(session_id AS BLOB), CAST(kind AS BLOB),"
+    " CAST(payload_json AS BLOB), CAST(data AS BLOB), CAST(created_at AS BLOB)"
 )
 # A rendered event page ends before the event that would take it past this many
 # bytes, and sets hasMore. Reading back a large burst then takes pages of a few MiB
@@ -84,7 +77,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX events_by_session ON events (session_id, seq)",
     ),
-    # Output text stored as it is; see EVENT_PAYLOAD.
+    # Output text stored as it is; see EVENT_COLUMNS.
     ("ALTER TABLE events ADD COLUMN data TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -140,22 +133,6 @@ class StoreSchemaError(Exception):
     """
     The database file was written by a newer Coven or is not a Coven database.
     """
-
-
-@functools.cache
-def sqliteHasJSON() -> bool:
-    """
-    Return whether the linked SQLite has its JSON functions, built in since
-    SQLite 3.38 and an optional extension before.
-    """
-    connection = sqlite3.connect(":memory:")
-    try:
-        connection.execute("SELECT json_object('a', 1)")
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        connection.close()
-    return True
 
 
 def _configureConnection(connection: sqlite3.Connection) -> None:
@@ -385,9 +362,6 @@ class Store(Service):
         """
         self.path = path
         self._reactor = reactor
-        # Without SQLite's JSON functions, payloads and event pages are
-        # encoded in Python instead, which holds the GIL.
-        self.sqliteJSON = sqliteHasJSON()
         self._poolFactory = poolFactory or self._adbapiPool
         self._writer: adbapi.ConnectionPool | None = None
         self._reader: adbapi.ConnectionPool | None = None
@@ -438,12 +412,6 @@ class Store(Service):
         """
         Prepare the database file; see L{openDatabase}.
         """
-        if not self.sqliteJSON:
-            log.warn(
-                "SQLite {version} has no JSON functions; output is encoded in Python,"
-                " which makes large bursts slower",
-                version=sqlite3.sqlite_version,
-            )
         return openDatabase(self.path)
 
     def _adbapiPool(self, connections: int) -> adbapi.ConnectionPool:
@@ -627,7 +595,7 @@ class Store(Service):
             return
         batch = self._takeBatch()
         self._inFlight = True
-        d = self._writer.runInteraction(_writeBatch, batch, self.sqliteJSON)
+        d = self._writer.runInteraction(_writeBatch, batch)
         d.addCallbacks(
             self._batchCommitted,
             self._batchFailed,
@@ -837,22 +805,17 @@ class Store(Service):
         C{limit} of them, or C{None} when the session does not exist.
         """
 
-        if self.sqliteJSON:
-            columns, makeEvent = EVENT_COLUMNS, _eventFromJSONRow
-        else:
-            columns, makeEvent = EVENT_COLUMNS_RAW, _eventFromRow
-
         def query(cursor: sqlite3.Cursor) -> EventPage | None:
             cursor.execute("SELECT 1 FROM sessions WHERE id = ?", (sessionId,))
             if cursor.fetchone() is None:
                 return None
             cursor.execute(
-                f"SELECT {columns} FROM events WHERE session_id = ? AND seq > ?"
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (sessionId, afterSeq, limit + 1),
             )
             rows = cursor.fetchall()
-            events = tuple(makeEvent(row) for row in rows[:limit])
+            events = tuple(_eventFromRow(row) for row in rows[:limit])
             return EventPage(events, hasMore=len(rows) > limit)
 
         return self._read(query)
@@ -865,18 +828,15 @@ class Store(Service):
         about L{MAX_PAGE_BYTES} of events.
         """
 
-        sqliteJSON = self.sqliteJSON
-
         def query(cursor: sqlite3.Cursor) -> RenderedEventPage | None:
             cursor.execute("SELECT 1 FROM sessions WHERE id = ?", (sessionId,))
             if cursor.fetchone() is None:
                 return None
 
-            # As a BLOB, SQLite hands over the UTF-8 bytes it rendered, and
-            # Python neither decodes nor encodes them again.
-            columns = f"seq, CAST({EVENT_JSON} AS BLOB)" if sqliteJSON else EVENT_COLUMNS_RAW
+            # As BLOBs, SQLite hands over the stored UTF-8 bytes, which
+            # _renderEvent escapes without decoding them.
             cursor.execute(
-                f"SELECT {columns} FROM events WHERE session_id = ? AND seq > ?"
+                f"SELECT {EVENT_COLUMNS_BYTES} FROM events WHERE session_id = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (sessionId, afterSeq, limit + 1),
             )
@@ -890,20 +850,17 @@ class Store(Service):
             rows = cursor.fetchmany(16)
             while rows and not hasMore:
                 for row in rows:
-                    seq = row[0]
-                    if sqliteJSON:
-                        data = row[1]
-                    else:
-                        data = _encodePayload(_eventFromRow(row).toJSON()).encode("utf-8")
-                    if count == limit or (count and size + len(data) > MAX_PAGE_BYTES):
+                    pieces = _renderEvent(row)
+                    length = sum(map(len, pieces))
+                    if count == limit or (count and size + length > MAX_PAGE_BYTES):
                         hasMore = True
                         break
                     if count:
                         parts.append(b",")
-                    parts.append(data)
+                    parts += pieces
                     count += 1
-                    size += len(data)
-                    lastSeq = seq
+                    size += length
+                    lastSeq = row[0]
                 else:
                     rows = cursor.fetchmany(16)
 
@@ -980,9 +937,7 @@ def _checkpointWAL(cursor: sqlite3.Cursor) -> None:
     cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _writeBatch(
-    cursor: sqlite3.Cursor, batch: list[_Op], sqliteJSON: bool = True
-) -> list[tuple[_Op, str]]:
+def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str]]:
     """
     Write C{batch} in one transaction, in queue order, in the writer thread.
 
@@ -992,13 +947,11 @@ def _writeBatch(
     batch is then written one record at a time and only such records are left
     out.
 
-    @param sqliteJSON: store output text unencoded, for SQLite's json_object
-        to encode when it is read.
     @return: the records left out, each with the reason.
     """
     cursor.execute("BEGIN IMMEDIATE")
     try:
-        _writeOps(cursor, batch, sqliteJSON)
+        _writeOps(cursor, batch)
         cursor.execute("COMMIT")
         return []
     except sqlite3.OperationalError:
@@ -1013,7 +966,7 @@ def _writeBatch(
         for op in batch:
             cursor.execute("SAVEPOINT record")
             try:
-                _writeOps(cursor, [op], sqliteJSON)
+                _writeOps(cursor, [op])
             except sqlite3.OperationalError:
                 raise
             except Exception as error:
@@ -1027,10 +980,8 @@ def _writeBatch(
     return skipped
 
 
-# Output text goes into the data column unencoded (see EVENT_PAYLOAD). When it
-# is read, SQLite's json_object escapes it as json.dumps(...,
-# separators=(",", ":"), ensure_ascii=False) does, which tests/test_store.py
-# checks (on SQLite 3.40), in the reader thread without holding the GIL.
+# Output text goes into the data column unencoded (see EVENT_COLUMNS), and
+# reads encode it: _eventFromRow with json.dumps, _renderEvent on its bytes.
 _INSERT_EVENT = (
     "INSERT INTO events (id, session_id, kind, payload_json, created_at) VALUES (?, ?, ?, ?, ?)"
 )
@@ -1040,13 +991,13 @@ _INSERT_OUTPUT = (
 )
 
 
-def _writeOps(cursor: sqlite3.Cursor, batch: list[_Op], sqliteJSON: bool) -> None:
+def _writeOps(cursor: sqlite3.Cursor, batch: list[_Op]) -> None:
     # Consecutive rows of one statement go to SQLite together, in queue order.
     sql: str | None = None
     rows: list[tuple[Any, ...]] = []
     for op in batch:
         if isinstance(op, _OutputWrite):
-            if not sqliteJSON or any(raw is not None for raw in op.raws):
+            if any(raw is not None for raw in op.raws):
                 statement = _INSERT_EVENT
                 row: tuple[Any, ...] = (
                     op.id, op.sessionId, "output", _encodePayload(op.payload()), op.createdAt
@@ -1070,19 +1021,72 @@ def _writeOps(cursor: sqlite3.Cursor, batch: list[_Op], sqliteJSON: bool) -> Non
         cursor.executemany(sql, rows)
 
 
-def _eventFromJSONRow(row: tuple[Any, ...]) -> Event:
-    return Event(*row)
-
-
 def _eventFromRow(row: tuple[Any, ...]) -> Event:
     """
-    Build an event from the columns of L{EVENT_COLUMNS_RAW}, encoding the
-    payload of an output event stored as text in Python.
+    Build an event from the columns of L{EVENT_COLUMNS}, encoding the
+    payload of an output event stored as text.
     """
     seq, eventId, sessionId, kind, payloadJSON, data, createdAt = row
     if data is not None:
         payloadJSON = _encodePayload({"data": data})
     return Event(seq, eventId, sessionId, kind, payloadJSON, createdAt)
+
+
+# JSON string escapes on UTF-8 bytes: json.dumps(..., ensure_ascii=False)
+# changes only '"', the backslash and the control characters below 0x20, and
+# never a byte of a multi-byte character. _ESCAPE_TWICE escapes the result
+# again, as quoting an encoded payload does.
+_ESCAPED = bytes(range(0x20)) + b'"\\'
+_NOT_ESCAPED = bytes(byte for byte in range(256) if byte not in _ESCAPED)
+_ESCAPE_ONCE = {byte: json.dumps(chr(byte))[1:-1].encode("ascii") for byte in _ESCAPED}
+_ESCAPE_TWICE = {
+    byte: json.dumps(escape.decode("ascii"))[1:-1].encode("ascii") for byte, escape in _ESCAPE_ONCE.items()
+}
+_BACKSLASH = ord("\\")
+
+
+def _escapeJSON(text: bytes, escapes: dict[int, bytes]) -> bytes:
+    """
+    Escape the UTF-8 C{text} for the inside of a JSON string, once with
+    L{_ESCAPE_ONCE} or twice with L{_ESCAPE_TWICE}, with one C{bytes.replace}
+    for each byte value that needs it. Most output has a few, such as the
+    newline and the escape character. Decoding the text for Python's JSON
+    encoder was slower, even for output of many different control characters.
+    """
+    found = set(text.translate(None, _NOT_ESCAPED))
+    if not found:
+        return text
+    # The backslash goes first, since the other escapes add backslashes.
+    if _BACKSLASH in found:
+        found.remove(_BACKSLASH)
+        text = text.replace(b"\\", escapes[_BACKSLASH])
+    for byte in found:
+        text = text.replace(bytes((byte,)), escapes[byte])
+    return text
+
+
+def _renderEvent(row: tuple[Any, ...]) -> list[bytes]:
+    """
+    Render a row of L{EVENT_COLUMNS_BYTES} as the pieces of the event's API
+    object: the bytes of
+    C{json.dumps(event.toJSON(), separators=(",", ":"), ensure_ascii=False)}.
+    An output event's text, stored unencoded, is escaped twice, since the
+    payload is JSON in a JSON string. Against SQLite's json_object, which
+    rendered events before, this took a quarter of the CPU for plain lines,
+    as much for terminal output with colour codes, and twice as much for
+    output that is half control characters of many kinds.
+    """
+    seq, eventId, sessionId, kind, payloadJSON, data, createdAt = row
+    head = b'{"seq":%d,"id":"%s","session_id":"%s","kind":"%s","payload_json":"' % (
+        seq,
+        _escapeJSON(eventId, _ESCAPE_ONCE),
+        _escapeJSON(sessionId, _ESCAPE_ONCE),
+        _escapeJSON(kind, _ESCAPE_ONCE),
+    )
+    tail = b'","created_at":"%s"}' % _escapeJSON(createdAt, _ESCAPE_ONCE)
+    if data is None:
+        return [head, _escapeJSON(payloadJSON, _ESCAPE_ONCE), tail]
+    return [head + b'{\\"data\\":\\"', _escapeJSON(data, _ESCAPE_TWICE), b'\\"}' + tail]
 
 
 def _encodePayload(payload: dict[str, Any]) -> str:

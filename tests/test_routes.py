@@ -1001,7 +1001,7 @@ def test_session_wait_while_store_cannot_write(memory: MemoryDaemon, monkeypatch
     record, process = memory.launch()
     original = storeModule._writeBatch
 
-    def diskFull(cursor: Any, batch: Any, sqliteJSON: bool = True) -> Any:
+    def diskFull(cursor: Any, batch: Any) -> Any:
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(storeModule, "_writeBatch", diskFull)

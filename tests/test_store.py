@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import random
 import sqlite3
 import struct
 
@@ -143,12 +144,23 @@ AWKWARD_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("sqliteJSON", [True, False])
+def test_escape_matches_json_dumps() -> None:
+    # Every character below 0x80 alone, then random mixes of the characters
+    # JSON escapes with plain and multi-byte ones, escaped once and twice.
+    pieces = [chr(code) for code in range(0x80)] + ["\u00e9", "\u2028", "\U0001f600", "\ufffd", "ab"]
+    generator = random.Random(4)
+    texts = pieces + ["".join(generator.choices(pieces, k=generator.randint(0, 40))) for _ in range(2000)]
+    for text in texts:
+        once = json.dumps(text, ensure_ascii=False)[1:-1]
+        twice = json.dumps(once, ensure_ascii=False)[1:-1]
+        encoded = text.encode("utf-8")
+        assert storeModule._escapeJSON(encoded, storeModule._ESCAPE_ONCE) == once.encode("utf-8"), text
+        assert storeModule._escapeJSON(encoded, storeModule._ESCAPE_TWICE) == twice.encode("utf-8"), text
+
+
 @pytest_twisted.ensureDeferred
-async def test_output_payload_json_matches_python(databasePath: str, sqliteJSON: bool) -> None:
+async def test_output_payload_json_matches_python(databasePath: str) -> None:
     store = Store(databasePath, reactor)
-    # False is the path for an SQLite built without its JSON functions.
-    store.sqliteJSON = sqliteJSON
     store.open()
     store.startService()
     try:
@@ -160,9 +172,13 @@ async def test_output_payload_json_matches_python(databasePath: str, sqliteJSON:
         store.appendOutput("s", "bad \ufffd", b"bad \xff", 5)
         await store.flush()
         page = await store.readEvents("s", 0, 100)
+        rendered = await store.readEventsJSON("s", 0, 100)
     finally:
         await store.stopService()
 
+    # Each text escaped on its bytes, with every control character, quotes
+    # and backslashes, gives the bytes json.dumps gives.
+    assert rendered.body == jsonBytes(page.toJSON())
     expected = [
         json.dumps({"data": text}, separators=(",", ":"), ensure_ascii=False) for text in AWKWARD_TEXTS
     ]
@@ -170,9 +186,8 @@ async def test_output_payload_json_matches_python(databasePath: str, sqliteJSON:
     assert [event.payload_json for event in page.events] == expected
 
 
-@pytest.mark.parametrize("readWithJSON", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_output_text_stored_unencoded(databasePath: str, readWithJSON: bool) -> None:
+async def test_output_text_stored_unencoded(databasePath: str) -> None:
     text = AWKWARD_TEXTS[0]
     store = Store(databasePath, reactor)
     store.open()
@@ -181,8 +196,6 @@ async def test_output_text_stored_unencoded(databasePath: str, readWithJSON: boo
         await store.insertSession(sessionRecord("s"))
         store.appendOutput("s", text, None, len(text.encode("utf-8")))
         await store.flush()
-        # False reads the rows as an SQLite without JSON functions would.
-        store.sqliteJSON = readWithJSON
         page = await store.readEvents("s", 0, 10)
         rendered = await store.readEventsJSON("s", 0, 10)
     finally:
@@ -237,10 +250,8 @@ async def _storeWithEvents(
     sessionId: str,
     sizes: list[int],
     filler: str = "\x1b\"\\\né😀",
-    sqliteJSON: bool = True,
 ) -> Store:
     store = Store(databasePath, reactor)
-    store.sqliteJSON = sqliteJSON
     store.open()
     store.startService()
     await store.insertSession(sessionRecord(sessionId))
@@ -252,10 +263,9 @@ async def _storeWithEvents(
     return store
 
 
-@pytest.mark.parametrize("sqliteJSON", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_rendered_page_matches_event_page(databasePath: str, sqliteJSON: bool) -> None:
-    store = await _storeWithEvents(databasePath, "s", [10, 200, 3000], sqliteJSON=sqliteJSON)
+async def test_rendered_page_matches_event_page(databasePath: str) -> None:
+    store = await _storeWithEvents(databasePath, "s", [10, 200, 3000])
     try:
         pages = [
             (await store.readEvents("s", afterSeq, limit), await store.readEventsJSON("s", afterSeq, limit))
@@ -297,12 +307,6 @@ async def test_rendered_pages_stop_at_size(databasePath: str, monkeypatch: pytes
         event.seq for event in whole.events
     ]
     assert [page["hasMore"] for page in pages] == [True, True, True, False]
-
-
-def test_sqlite_has_json() -> None:
-    # The SQLite that CI links has its JSON functions, so the fast path is the
-    # one tested end to end.
-    assert storeModule.sqliteHasJSON()
 
 
 def walFrames(databasePath: str) -> tuple[int, int]:
