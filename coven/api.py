@@ -382,18 +382,19 @@ class CovenAPI:
         path = self.sessions.harnessEnvironment("").get("PATH")
         for spec in self.sessions.harnesses.all():
             executable = spec.resolveExecutable(path)
-            entries.append(
-                {
-                    "id": f"harness.{spec.id}",
-                    "label": spec.label,
-                    "adapter": "pty",
-                    "status": "available" if executable else "unavailable",
-                    "policy": "allow",
-                    "actions": [],
-                    "harness": spec.id,
-                    "executable": executable,
-                }
-            )
+            entry = {
+                "id": f"harness.{spec.id}",
+                "label": spec.label,
+                "adapter": "pty",
+                "status": "available" if executable else "unavailable",
+                "policy": "allow",
+                "actions": [],
+                "harness": spec.id,
+                "executable": executable,
+            }
+            if executable is None:
+                entry["reason"] = spec.missingReason()
+            entries.append(entry)
         entries.append(
             {
                 "id": "desktop.automation",

@@ -987,8 +987,11 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             if entry.executable:
                 report.ok(f"harness {entry.harness}: {entry.executable}")
             else:
-                report.warn(f"harness {entry.harness}: executable not found on the daemon's PATH")
-        if harnesses and not any(entry.executable for entry in harnesses):
+                reason = entry.reason or "executable not found on the daemon's PATH"
+                report.warn(f"harness {entry.harness}: {reason}")
+        # With harnesses.toml ignored, the failure above names the cause.
+        usable = any(entry.executable for entry in harnesses)
+        if harnesses and not usable and not capabilities.harnessConfigError:
             report.fail(
                 "no harness executable is on the daemon's PATH; install one, such as codex or"
                 f" claude, or add one to {os.path.join(home, 'harnesses.toml')} (the README's"
@@ -1003,7 +1006,8 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             if executable:
                 report.ok(f"harness {spec.id}: {executable} (on this shell's PATH)")
             else:
-                report.warn(f"harness {spec.id}: {spec.command[0]} not found on this shell's PATH")
+                reason = spec.missingReason(where="this shell's PATH")
+                report.warn(f"harness {spec.id}: {reason}")
 
     database = os.path.join(home, "coven.sqlite3")
     if checkPrivate(report, "database", database, 0o600, stat.S_ISREG):

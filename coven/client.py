@@ -146,6 +146,7 @@ class Capability:
     @ivar harness: the harness id for harness entries, else C{None}.
     @ivar executable: the harness executable the daemon found on its C{PATH},
         or C{None} when it found none or the entry is not a harness.
+    @ivar reason: why the daemon found no executable for a harness, else C{None}.
     """
 
     id: str
@@ -156,6 +157,7 @@ class Capability:
     actions: tuple[str, ...]
     harness: str | None = None
     executable: str | None = None
+    reason: str | None = None
 
 
 @attrs.frozen

@@ -47,6 +47,22 @@ class HarnessSpec:
         """
         return shutil.which(self.command[0], path=path)
 
+    def missingReason(self, where: str = "the daemon's PATH") -> str:
+        """
+        Return why L{resolveExecutable} found no executable. A command with a
+        slash is a file path, never looked up on C{PATH}.
+
+        @param where: the C{PATH} searched, as the message should name it.
+        """
+        command = self.command[0]
+        if os.sep not in command:
+            return f"executable {command!r} was not found on {where}"
+        if not os.path.exists(command):
+            return f"executable {command!r} does not exist"
+        if os.path.isdir(command):
+            return f"{command!r} is a folder, not an executable file"
+        return f"{command!r} is not executable (its mode lacks the execute permission)"
+
 
 BUILTIN_HARNESSES = (
     HarnessSpec("codex", "Codex CLI", ("codex",), ("--", PROMPT_PLACEHOLDER)),

@@ -377,12 +377,21 @@ class SessionManager(Service):
         environment = self.harnessEnvironment(sessionId)
         executable = harness.resolveExecutable(environment.get("PATH", os.defpath))
         if executable is None:
-            reason = f"executable {harness.command[0]!r} was not found on the daemon's PATH"
+            reason = harness.missingReason()
             await self._recordSpawnFailure(record, reason)
+            if os.sep in harness.command[0]:
+                advice = (
+                    f"Make that file executable, or set the harness's command in"
+                    f" {self.harnesses.configPath} to one that is."
+                )
+            else:
+                advice = (
+                    f"Install it in a folder on that PATH ({environment.get('PATH', os.defpath)}),"
+                    f" or set its command in {self.harnesses.configPath}. A different PATH takes"
+                    " a restart of the daemon."
+                )
             raise PtySpawnFailed(
-                f"Harness {harness.id} could not be launched: {reason}. Install it in a folder"
-                f" on that PATH ({environment.get('PATH', os.defpath)}), or set its command in"
-                f" {self.harnesses.configPath}. A different PATH takes a restart of the daemon.",
+                f"Harness {harness.id} could not be launched: {reason}. {advice}",
                 sessionId=sessionId,
                 harness=harness.id,
             )

@@ -514,6 +514,26 @@ def test_doctor_names_harness_file_without_executables(emptyHome):
 
     assert "FAIL  no harness executable is on the daemon's PATH" in report.stdout
     assert f"add one to {home}/harnesses.toml" in report.stdout
+    assert f"warn  harness codex: executable '{emptyHome}/missing-codex' does not exist\n" in report.stdout
+
+
+def test_doctor_ignored_harness_file_fails_once(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    os.makedirs(home, mode=0o700)
+    with open(os.path.join(home, "harnesses.toml"), "w") as file:
+        file.write("[harnesses.broken\n")
+    started = coven(home, "daemon", "start")
+    assert started.returncode == 0, started.stderr
+    try:
+        report = coven(home, "doctor")
+    finally:
+        coven(home, "daemon", "stop")
+
+    # Whether or not a built-in harness is installed, the one failure is the
+    # file that was ignored.
+    assert report.returncode == 1
+    assert report.stdout.count("FAIL") == 1
+    assert "FAIL  harness configuration ignored: " in report.stdout
 
 
 # Attach, driven in a real terminal

@@ -177,6 +177,34 @@ async def test_missing_executable_fails_spawn(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_harness_file_not_executable_explained(daemon):
+    agent = os.path.join(daemon.home, "agent.sh")
+    with open(agent, "w") as file:
+        file.write("#!/bin/sh\necho hi\n")
+    os.chmod(agent, 0o644)
+    with open(os.path.join(daemon.home, "harnesses.toml"), "a") as file:
+        file.write(f'\n[harnesses.plain]\ncommand = ["{agent}"]\n')
+
+    status, body = await daemon.client.post(
+        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": "plain", "prompt": "hi"}
+    )
+    _, capabilities = await daemon.client.get("/api/v1/capabilities")
+
+    reason = f"'{agent}' is not executable (its mode lacks the execute permission)"
+    assert status == 500
+    assert body["error"]["code"] == "pty_spawn_failed"
+    # A command with a slash is never looked up on PATH, so the advice is
+    # about the file.
+    assert body["error"]["message"] == (
+        f"Harness plain could not be launched: {reason}. Make that file executable, or set"
+        f" the harness's command in {daemon.home}/harnesses.toml to one that is."
+    )
+    entry = [item for item in capabilities["capabilities"] if item.get("harness") == "plain"][0]
+    assert entry["executable"] is None
+    assert entry["reason"] == reason
+
+
+@pytest_twisted.ensureDeferred
 async def test_cwd_dotdot_escape_rejected(daemon):
     status, body = await daemon.client.post(
         "/api/v1/sessions",
