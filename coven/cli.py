@@ -9,6 +9,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import shlex
 import signal
 import sqlite3
@@ -158,8 +159,21 @@ def describeStatus(session: SessionRecord) -> str:
     return status
 
 
+# C0 and C1 control characters and DEL, which a terminal acts on.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """
+    Return C{text} with control characters written as C{\\xNN} escapes, so a
+    title or path printed in a listing cannot move the cursor or recolour the
+    terminal.
+    """
+    return _CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def oneLine(text: str) -> str:
-    return " ".join(text.split())
+    return printable(" ".join(text.split()))
 
 
 def printTable(rows: list[list[str]]) -> None:
@@ -325,7 +339,7 @@ async def showCommand(reactor: Any, client: CovenClient, args: argparse.Namespac
         ("archived", session.archived_at or "-"),
     ]
     for name, value in fields:
-        print(f"{name + ':':<11}{value}")
+        print(f"{name + ':':<11}{printable(value)}")
     return EXIT_OK
 
 
@@ -404,7 +418,7 @@ async def sacrificeCommand(reactor: Any, client: CovenClient, args: argparse.Nam
                 f"Session {session.id} is still running; kill it before coven sacrifice."
             )
         raise UsageError(
-            f"coven sacrifice deletes session {session.id} ({session.title}) and all its"
+            f"coven sacrifice deletes session {session.id} ({oneLine(session.title)}) and all its"
             " events for good; add --yes to confirm."
         )
     return await _deleteSession(reactor, client, args)

@@ -280,6 +280,23 @@ def test_show_by_prefix_and_json(cliDaemon):
     assert asJSON.stdout.encode() == rawGet(cliDaemon.socketPath, f"/api/v1/sessions/{sessionId}") + b"\n"
 
 
+def test_control_characters_in_title_escaped(cliDaemon):
+    title = "\x1b[31mred\x1b[0m\tand\x07bell\x9b"
+    started = coven(cliDaemon.home, "run", "fake", "print hi", "--detach", "--json", "--title", title)
+    assert started.returncode == 0, started.stderr
+    sessionId = json.loads(started.stdout)["id"]
+
+    table = coven(cliDaemon.home, "sessions")
+    shown = coven(cliDaemon.home, "show", sessionId)
+
+    # The title is stored as given, and only the printed text is escaped.
+    assert api(cliDaemon, "GET", f"/api/v1/sessions/{sessionId}")["title"] == title
+    assert "\\x1b[31mred\\x1b[0m and\\x07bell\\x9b\n" in table.stdout
+    assert "title:     \\x1b[31mred\\x1b[0m\\x09and\\x07bell\\x9b\n" in shown.stdout
+    for output in (table.stdout, shown.stdout):
+        assert not any(character in output for character in "\x1b\x07\x9b\t")
+
+
 def test_sessions_table_and_all(cliDaemon):
     kept = launch(cliDaemon, "print kept")
     hidden = launch(cliDaemon, "print hidden")
