@@ -182,8 +182,22 @@ def _field(
         value = int(value)
     # bool is an int in Python, never a valid integer field here.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise InvalidRequest(f"Field {name} must be {what}.", field=name)
+        raise InvalidRequest(f"Field {name} must be {what}, got {_describeJSON(value)}.", field=name)
     return value
+
+
+def _describeJSON(value: Any) -> str:
+    """
+    Return how an error message names a JSON value: literals and numbers as
+    they are, other values by their type.
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def _terminalSize(body: dict[str, Any], name: str, default: int | None) -> int | None:
@@ -211,6 +225,13 @@ def _queryArgument(request: IRequest, name: str) -> str | None:
     values = request.args.get(name.encode("ascii"))
     if not values:
         return None
+    # Like a duplicate key in a body, a repeated parameter has no one meaning.
+    if len(values) > 1:
+        raise InvalidRequest(
+            f"Query parameter {name} is given {len(values)} times. Give it once.",
+            field=name,
+            count=len(values),
+        )
     try:
         return values[-1].decode("utf-8")
     except UnicodeDecodeError:

@@ -378,6 +378,24 @@ def test_launch_field_wrong_type(memory: MemoryDaemon, field: str, value: Any) -
     assert memory.clock.spawned == []
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("cols", True, "Field cols must be an integer from 1 to 1000, got true."),
+        ("cols", 2.5, "Field cols must be an integer from 1 to 1000, got 2.5."),
+        ("cols", "80", "Field cols must be an integer from 1 to 1000, got a string."),
+        ("prompt", None, "Field prompt must be a string, got null."),
+        ("harness", ["fake"], "Field harness must be a harness id string, got an array."),
+        ("title", {}, "Field title must be a string, got an object."),
+    ],
+)
+def test_wrong_type_message_names_value(memory: MemoryDaemon, field: str, value: Any, message: str) -> None:
+    error = checkError(
+        memory.post("/api/v1/sessions", launchRequest(memory, **{field: value})), 400, "invalid_request"
+    )
+    assert error["message"] == message
+
+
 @pytest.mark.parametrize("field", ["projectRoot", "harness", "prompt"])
 def test_launch_field_missing(memory: MemoryDaemon, field: str) -> None:
     body = launchRequest(memory)
@@ -806,6 +824,14 @@ def test_events_bad_integer(memory: MemoryDaemon, name: str, value: str) -> None
     response = memory.get("/api/v1/events", sessionId=record["id"], **{name: value})
     error = checkError(response, 400, "invalid_request")
     assert error["details"] == {"field": name, "value": value}
+
+
+def test_events_repeated_parameter_rejected(memory: MemoryDaemon) -> None:
+    record, _ = memory.launch()
+    response = memory.request("GET", f"/api/v1/events?sessionId={record['id']}&afterSeq=1&afterSeq=2")
+    error = checkError(response, 400, "invalid_request")
+    assert error["message"] == "Query parameter afterSeq is given 2 times. Give it once."
+    assert error["details"] == {"field": "afterSeq", "count": 2}
 
 
 def test_events_session_required(memory: MemoryDaemon) -> None:
