@@ -505,7 +505,9 @@ class SessionManager(Service):
 
     # Input and resize
 
-    def _requireLive(self, sessionId: str, existing: SessionRecord | None) -> LiveSession:
+    def _requireLive(
+        self, sessionId: str, existing: SessionRecord | None, killing: bool = False
+    ) -> LiveSession:
         live = self._live.get(sessionId)
         if live is not None and live.acceptsInput:
             return live
@@ -517,6 +519,11 @@ class SessionManager(Service):
             )
         if live is not None or existing.status == "running":
             message = f"Session {sessionId} is ending ({existing.status}) and takes no more requests."
+        elif killing:
+            message = (
+                f"Session {sessionId} has already ended ({existing.status}), so there is"
+                " nothing to kill."
+            )
         else:
             message = (
                 f"Session {sessionId} has already ended ({existing.status}). Start a new"
@@ -524,12 +531,12 @@ class SessionManager(Service):
             )
         raise SessionNotLive(message, sessionId=sessionId, status=existing.status)
 
-    async def _lookup(self, sessionId: str) -> LiveSession:
+    async def _lookup(self, sessionId: str, killing: bool = False) -> LiveSession:
         live = self._live.get(sessionId)
         if live is not None and live.acceptsInput:
             return live
         existing = await self._store.getSession(sessionId)
-        return self._requireLive(sessionId, existing)
+        return self._requireLive(sessionId, existing, killing)
 
     async def sendInput(self, sessionId: str, data: str) -> None:
         """
@@ -606,7 +613,7 @@ class SessionManager(Service):
         Mark a live session C{killed}, record a C{kill} event and send SIGTERM to
         its process group; SIGKILL follows after L{killGrace} seconds.
         """
-        live = await self._lookup(sessionId)
+        live = await self._lookup(sessionId, killing=True)
         await self._kill(live, reason)
 
     def waitForEnd(self, sessionId: str) -> defer.Deferred[None] | None:

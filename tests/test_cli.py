@@ -363,7 +363,7 @@ def test_send_kill_and_api_errors(cliDaemon):
     assert again.returncode == 1
     assert json.loads(again.stdout)["error"]["code"] == "session_not_live"
     assert again.stderr == (
-        f"coven: Session {sessionId} has already ended (killed). Start a new session to go on."
+        f"coven: Session {sessionId} has already ended (killed), so there is nothing to kill."
         f" [session_not_live; sessionId={sessionId}, status=killed]\n"
     )
 

@@ -1194,7 +1194,10 @@ def test_kill_twice_not_live(memory: MemoryDaemon) -> None:
 
 def test_kill_finished_not_live(memory: MemoryDaemon) -> None:
     sessionId = finishedSession(memory)
-    checkError(memory.post(f"/api/v1/sessions/{sessionId}/kill"), 409, "session_not_live")
+    error = checkError(memory.post(f"/api/v1/sessions/{sessionId}/kill"), 409, "session_not_live")
+    assert error["message"] == (
+        f"Session {sessionId} has already ended (completed), so there is nothing to kill."
+    )
 
 
 def test_kill_unknown_session(memory: MemoryDaemon) -> None:
