@@ -145,11 +145,25 @@ AWKWARD_TEXTS = [
 
 
 def test_escape_matches_json_dumps() -> None:
-    # Every character below 0x80 alone, then random mixes of the characters
-    # JSON escapes with plain and multi-byte ones, escaped once and twice.
+    # Every character below 0x80 alone, then random mixes of plain,
+    # multi-byte and escaped characters: short texts, which Python's JSON
+    # encoder escapes, long ones with few kinds of escapes, which take one
+    # bytes.replace per kind, and long ones with many kinds.
     pieces = [chr(code) for code in range(0x80)] + ["\u00e9", "\u2028", "\U0001f600", "\ufffd", "ab"]
+    escaped = [chr(code) for code in range(0x20)] + ['"', "\\"]
     generator = random.Random(4)
-    texts = pieces + ["".join(generator.choices(pieces, k=generator.randint(0, 40))) for _ in range(2000)]
+    texts = list(pieces)
+    for _ in range(1500):
+        texts.append("".join(generator.choices(pieces, k=generator.randint(0, 600))))
+    for _ in range(300):
+        kinds = generator.sample(escaped, generator.randint(1, 5))
+        plain = generator.choices(["x", "\u65e5", "line "], k=generator.randint(100, 3000))
+        mixed = plain + generator.choices(kinds, k=generator.randint(1, 400))
+        generator.shuffle(mixed)
+        texts.append("".join(mixed))
+    texts.append("".join(escaped) * 20)
+    texts.append("\x1b[0m\r\n" * 200)
+
     for text in texts:
         once = json.dumps(text, ensure_ascii=False)[1:-1]
         twice = json.dumps(once, ensure_ascii=False)[1:-1]
