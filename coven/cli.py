@@ -1190,5 +1190,10 @@ def main(argv: list[str] | None = None) -> None:
     """
     Run the `coven` command; argparse exits with code 2 on a usage error.
     """
-    args = buildParser().parse_args(argv)
+    parser = buildParser()
+    args = parser.parse_args(argv)
+    # An empty --home, as from "--home $DIR" with DIR unset, would
+    # otherwise fall back to $COVEN_HOME or ~/.coven without a word.
+    if args.home == "":
+        parser.error("--home is empty; give a folder, or leave it out for $COVEN_HOME or ~/.coven")
     task.react(_main, (args,))

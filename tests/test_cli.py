@@ -534,6 +534,15 @@ def test_doctor_names_harness_file_without_executables(emptyHome):
     assert f"warn  harness codex: executable '{emptyHome}/missing-codex' does not exist\n" in report.stdout
 
 
+def test_empty_home_rejected(emptyHome):
+    result = coven(emptyHome, "--home", "", "sessions")
+
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "coven: error: --home is empty; give a folder, or leave it out for $COVEN_HOME or ~/.coven\n"
+    )
+
+
 def test_doctor_ignored_harness_file_fails_once(emptyHome):
     home = os.path.join(emptyHome, "h")
     os.makedirs(home, mode=0o700)
