@@ -260,7 +260,7 @@ class SignalRecorder:
         self.calls: list[tuple[int, str, int]] = []
         self.reached = False
 
-    def __call__(self, pid: int, sessionId: str, signalNumber: int) -> bool:
+    def __call__(self, pid: int, sessionId: str, signalNumber: int, notBefore: int | None = None) -> bool:
         self.calls.append((pid, sessionId, signalNumber))
         return self.reached
 

@@ -1,0 +1,70 @@
+"""Tests for finding a session's processes through /proc, with real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from coven.sessions import processStartTicks, sessionMembers
+
+# A process that waits on its stdin, which stays open until the test kills it.
+WAITER = [sys.executable, "-c", "import sys; sys.stdin.read()"]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def startMarked(processes: list[subprocess.Popen[bytes]], sessionId: str) -> subprocess.Popen[bytes]:
+    """
+    Start a process in a terminal session of its own, with the session's
+    marker in its environment, as a harness's child that called setsid would.
+    """
+    environment = dict(os.environ, COVEN_SESSION_ID=sessionId)
+    process = subprocess.Popen(WAITER, stdin=subprocess.PIPE, env=environment, start_new_session=True)
+    processes.append(process)
+    return process
+
+
+def bootTicks() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def test_start_ticks_of_process() -> None:
+    ticks = processStartTicks(os.getpid())
+
+    assert ticks is not None
+    assert 0 < ticks <= bootTicks()
+    assert processStartTicks(2**22 + 1) is None
+
+
+def test_members_started_before_harness_skipped(processes: list[subprocess.Popen[bytes]]) -> None:
+    sessionId = str(uuid.uuid4())
+    older = startMarked(processes, sessionId)
+    olderTicks = processStartTicks(older.pid)
+    assert olderTicks is not None
+    # The harness must start at a later clock tick than the older process.
+    deadline = time.monotonic() + 5
+    while bootTicks() <= olderTicks:
+        assert time.monotonic() < deadline, "the clock tick did not advance"
+        time.sleep(0.001)
+    harness = subprocess.Popen(WAITER, stdin=subprocess.PIPE, start_new_session=True)
+    processes.append(harness)
+    harnessTicks = processStartTicks(harness.pid)
+    newer = startMarked(processes, sessionId)
+
+    # Without a start time both marked processes count. With the harness's,
+    # the one started before it cannot have been started from it.
+    assert sorted(sessionMembers(harness.pid, sessionId)) == sorted([older.pid, newer.pid])
+    assert sessionMembers(harness.pid, sessionId, harnessTicks) == [newer.pid]
