@@ -1017,7 +1017,9 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             report.fail(f"harness configuration ignored: {registry.configError}")
         for spec in registry.all():
             executable = spec.resolveExecutable(os.environ.get("PATH"))
-            if executable:
+            if executable and os.sep in spec.command[0]:
+                report.ok(f"harness {spec.id}: {executable}")
+            elif executable:
                 report.ok(f"harness {spec.id}: {executable} (on this shell's PATH)")
             else:
                 reason = spec.missingReason(where="this shell's PATH")
@@ -1192,7 +1194,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     parser = buildParser()
     args = parser.parse_args(argv)
-    # An empty --home, as from "--home $DIR" with DIR unset, would
+    # An empty --home, as from --home "$DIR" with DIR unset, would
     # otherwise fall back to $COVEN_HOME or ~/.coven without a word.
     if args.home == "":
         parser.error("--home is empty; give a folder, or leave it out for $COVEN_HOME or ~/.coven")

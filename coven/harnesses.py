@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tomllib
 from typing import Any
 
@@ -43,7 +44,9 @@ class HarnessSpec:
 
     def resolveExecutable(self, path: str | None) -> str | None:
         """
-        Return the absolute path of the executable found on C{path}, or C{None}.
+        Return the absolute path of the executable found on C{path}, or the
+        command itself when it is a path (harnesses.toml accepts only
+        absolute ones), or C{None}.
         """
         return shutil.which(self.command[0], path=path)
 
@@ -57,11 +60,20 @@ class HarnessSpec:
         command = self.command[0]
         if os.sep not in command:
             return f"executable {command!r} was not found on {where}"
-        if not os.path.exists(command):
+        try:
+            status = os.stat(command)
+        except FileNotFoundError:
             return f"executable {command!r} does not exist"
-        if os.path.isdir(command):
+        except PermissionError:
+            return (
+                f"executable {command!r} cannot be reached: a folder on its path denies"
+                " search permission"
+            )
+        except OSError as error:
+            return f"executable {command!r} cannot be used: {error.strerror}"
+        if stat.S_ISDIR(status.st_mode):
             return f"{command!r} is a folder, not an executable file"
-        return f"{command!r} is not executable (its mode lacks the execute permission)"
+        return f"{command!r} is not executable by the daemon's user"
 
 
 BUILTIN_HARNESSES = (
@@ -114,6 +126,15 @@ def parseHarnessFile(path: str) -> list[HarnessSpec]:
         command = _stringList(table.get("command"), f"{where} command")
         if not command or not command[0]:
             raise HarnessConfigError(f"{where} command must name an executable")
+        executable = os.path.expanduser(command[0])
+        # A relative path would be looked up from the daemon's folder but run
+        # from the session's, so it is refused rather than half supported.
+        if os.sep in executable and not os.path.isabs(executable):
+            raise HarnessConfigError(
+                f"{where} command {command[0]!r} is a relative path; give an absolute path,"
+                " or a bare name to look up on the daemon's PATH"
+            )
+        command = (executable, *command[1:])
         promptArgs = _stringList(table.get("prompt_args", [PROMPT_PLACEHOLDER]), f"{where} prompt_args")
         label = table.get("label", harnessId)
         if not isinstance(label, str):

@@ -416,11 +416,13 @@ class SessionManager(Service):
         if executable is None:
             reason = harness.missingReason()
             await self._recordSpawnFailure(record, reason)
-            if os.sep in harness.command[0]:
+            if reason.endswith("executable by the daemon's user"):
                 advice = (
                     f"Make that file executable, or set the harness's command in"
                     f" {self.harnesses.configPath} to one that is."
                 )
+            elif os.sep in harness.command[0]:
+                advice = f"Set the harness's command in {self.harnesses.configPath} to an executable file."
             else:
                 advice = (
                     f"Install it in a folder on that PATH ({environment.get('PATH', os.defpath)}),"

@@ -1,11 +1,13 @@
-"""Tests for the harness registry's messages about missing executables."""
+"""Tests for harness commands: paths in harnesses.toml and why an executable is missing."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 
-from coven.harnesses import HarnessSpec
+import pytest
+
+from coven.harnesses import HarnessConfigError, HarnessSpec, parseHarnessFile
 
 
 def spec(command: str) -> HarnessSpec:
@@ -20,15 +22,41 @@ def test_missing_reason_per_command(tmp_path: pathlib.Path) -> None:
     executable.write_text("#!/bin/sh\n")
     os.chmod(executable, 0o755)
 
-    # A bare name is looked up on PATH; a path is checked as it is.
+    # A bare name is looked up on PATH. A path is checked as it is.
     assert spec("agent").missingReason() == "executable 'agent' was not found on the daemon's PATH"
     assert spec("agent").missingReason("this shell's PATH") == (
         "executable 'agent' was not found on this shell's PATH"
     )
     assert spec(f"{tmp_path}/gone").missingReason() == f"executable '{tmp_path}/gone' does not exist"
     assert spec(str(tmp_path)).missingReason() == f"'{tmp_path}' is a folder, not an executable file"
-    assert spec(str(notExecutable)).missingReason() == (
-        f"'{notExecutable}' is not executable (its mode lacks the execute permission)"
+    assert spec(str(notExecutable)).missingReason() == f"'{notExecutable}' is not executable by the daemon's user"
+    assert spec(f"{notExecutable}/x").missingReason() == (
+        f"executable '{notExecutable}/x' cannot be used: Not a directory"
     )
     assert spec(str(notExecutable)).resolveExecutable(None) is None
     assert spec(str(executable)).resolveExecutable(None) == str(executable)
+
+
+def test_relative_command_path_rejected(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "harnesses.toml"
+    config.write_text('[harnesses.local]\ncommand = ["./bin/agent"]\n')
+
+    with pytest.raises(HarnessConfigError) as raised:
+        parseHarnessFile(str(config))
+
+    # Looked up from the daemon's folder but run from the session's, such a
+    # path would name two different files.
+    assert str(raised.value) == (
+        f"{config}: [harnesses.local] command './bin/agent' is a relative path; give an"
+        " absolute path, or a bare name to look up on the daemon's PATH"
+    )
+
+
+def test_home_relative_command_expanded(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "harnesses.toml"
+    config.write_text('[harnesses.mine]\ncommand = ["~/bin/agent", "--fast"]\n')
+
+    [parsed] = parseHarnessFile(str(config))
+
+    assert parsed.command == (f"{tmp_path}/bin/agent", "--fast")

@@ -190,7 +190,7 @@ async def test_harness_file_not_executable_explained(daemon):
     )
     _, capabilities = await daemon.client.get("/api/v1/capabilities")
 
-    reason = f"'{agent}' is not executable (its mode lacks the execute permission)"
+    reason = f"'{agent}' is not executable by the daemon's user"
     assert status == 500
     assert body["error"]["code"] == "pty_spawn_failed"
     # A command with a slash is never looked up on PATH, so the advice is
@@ -202,6 +202,17 @@ async def test_harness_file_not_executable_explained(daemon):
     entry = [item for item in capabilities["capabilities"] if item.get("harness") == "plain"][0]
     assert entry["executable"] is None
     assert entry["reason"] == reason
+
+    # A missing file takes other advice: there is nothing to make executable.
+    os.remove(agent)
+    status, body = await daemon.client.post(
+        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": "plain", "prompt": "hi"}
+    )
+    assert status == 500
+    assert body["error"]["message"] == (
+        f"Harness plain could not be launched: executable '{agent}' does not exist. Set the"
+        f" harness's command in {daemon.home}/harnesses.toml to an executable file."
+    )
 
 
 @pytest_twisted.ensureDeferred
