@@ -218,7 +218,9 @@ def processStartTicks(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
-def sessionMembers(sessionLeader: int, sessionId: str, notBefore: int | None = None) -> list[int]:
+def sessionMembers(
+    sessionLeader: int, sessionId: str, notBefore: int | None = None, byGroup: bool = True
+) -> list[int]:
     """
     Return the processes that belong to a session but left its process group,
     found through C{/proc}: those of the harness's terminal session, and those
@@ -230,6 +232,8 @@ def sessionMembers(sessionLeader: int, sessionId: str, notBefore: int | None = N
         process started before it cannot have been started from it, so its
         environment is not read. With 568 processes, mostly older ones, that
         took the search from 10 to 6 ms.
+    @param byGroup: also count the processes of the terminal session whose
+        id is C{sessionLeader}, and leave out those of its process group.
     """
     marker = f"COVEN_SESSION_ID={sessionId}".encode()
     members = []
@@ -238,9 +242,9 @@ def sessionMembers(sessionLeader: int, sessionId: str, notBefore: int | None = N
         if stat is None:
             continue
         fields = _statFields(stat)
-        if len(fields) < 20 or int(fields[2]) == sessionLeader:
+        if len(fields) < 20 or (byGroup and int(fields[2]) == sessionLeader):
             continue
-        if int(fields[3]) == sessionLeader:
+        if byGroup and int(fields[3]) == sessionLeader:
             members.append(int(entry))
             continue
         if notBefore is not None and int(fields[19]) < notBefore:
@@ -284,17 +288,27 @@ def signalSession(
     Send C{signalNumber} to the harness's process group and to the session's
     processes outside it (see L{sessionMembers}, which takes C{notBefore}).
 
+    Once the harness is reaped and no process is left in its group or its
+    terminal session, its pid can be reused, for example before the SIGKILL
+    that follows a SIGTERM a few seconds later. A process with that pid but
+    another start time than C{notBefore} is then not the harness, so neither
+    its group nor its terminal session is signalled, only processes that
+    carry the session's marker.
+
     @return: whether any process was still there to receive it.
     """
+    leaderStart = processStartTicks(sessionLeader) if notBefore is not None else None
+    reused = leaderStart is not None and leaderStart != notBefore
     reached = False
     try:
-        os.killpg(sessionLeader, signalNumber)
-        reached = True
+        if not reused:
+            os.killpg(sessionLeader, signalNumber)
+            reached = True
     except ProcessLookupError:
         pass
     except PermissionError:
         reached = True
-    for pid in sessionMembers(sessionLeader, sessionId, notBefore):
+    for pid in sessionMembers(sessionLeader, sessionId, notBefore, byGroup=not reused):
         try:
             os.kill(pid, signalNumber)
             reached = True

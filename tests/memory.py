@@ -254,14 +254,17 @@ class SignalRecorder:
 
     @ivar reached: the return value of each call, which the manager reads as
         whether any process was still there to receive the signal.
+    @ivar startTimes: the harness start time passed with each call.
     """
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, str, int]] = []
+        self.startTimes: list[int | None] = []
         self.reached = False
 
     def __call__(self, pid: int, sessionId: str, signalNumber: int, notBefore: int | None = None) -> bool:
         self.calls.append((pid, sessionId, signalNumber))
+        self.startTimes.append(notBefore)
         return self.reached
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coven.sessions import processStartTicks, sessionMembers
+from coven.sessions import processStartTicks, sessionMembers, signalSession
 
 # A process that waits on its stdin, which stays open until the test kills it.
 WAITER = [sys.executable, "-c", "import sys; sys.stdin.read()"]
@@ -68,3 +69,21 @@ def test_members_started_before_harness_skipped(processes: list[subprocess.Popen
     # the one started before it cannot have been started from it.
     assert sorted(sessionMembers(harness.pid, sessionId)) == sorted([older.pid, newer.pid])
     assert sessionMembers(harness.pid, sessionId, harnessTicks) == [newer.pid]
+
+
+def test_reused_harness_pid_not_signalled(processes: list[subprocess.Popen[bytes]]) -> None:
+    # A process that leads its own group and session plays the part of one that
+    # got the pid of a harness already reaped.
+    other = subprocess.Popen(WAITER, stdin=subprocess.PIPE, start_new_session=True)
+    processes.append(other)
+    otherTicks = processStartTicks(other.pid)
+    assert otherTicks is not None
+
+    reachedOther = signalSession(other.pid, str(uuid.uuid4()), signal.SIGTERM, otherTicks - 1)
+    stillRunning = other.poll() is None
+    reachedHarness = signalSession(other.pid, str(uuid.uuid4()), signal.SIGTERM, otherTicks)
+
+    assert reachedOther is False
+    assert stillRunning
+    assert reachedHarness is True
+    assert other.wait(10) == -signal.SIGTERM

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 
+from coven import sessions as sessionsModule
 from coven import store as storeModule
 from coven.records import SessionRecord
 from coven.sessions import DRAIN_TIMEOUT
@@ -1170,7 +1171,10 @@ def test_kill_accepted(memory: MemoryDaemon, prefix: str) -> None:
     assert memory.signals.calls == [(process.transport.pid, record["id"], signal.SIGTERM)]
 
 
-def test_kill_sigkill_after_grace(memory: MemoryDaemon) -> None:
+def test_kill_sigkill_after_grace(memory: MemoryDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each signal carries the harness's start time read at the spawn, which
+    # signalSession compares with the pid's current one to detect a reuse.
+    monkeypatch.setattr(sessionsModule, "processStartTicks", lambda pid: pid + 7)
     record, process = memory.launch()
     memory.post(f"/api/v1/sessions/{record['id']}/kill")
     term = (process.transport.pid, record["id"], signal.SIGTERM)
@@ -1180,6 +1184,7 @@ def test_kill_sigkill_after_grace(memory: MemoryDaemon) -> None:
     assert memory.signals.calls == [term]
     memory.clock.advance(0.1)
     assert memory.signals.calls == [term, kill]
+    assert memory.signals.startTimes == [process.transport.pid + 7] * 2
 
 
 def test_kill_twice_not_live(memory: MemoryDaemon) -> None:
