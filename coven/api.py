@@ -186,13 +186,21 @@ def _field(
     return value
 
 
+def _brief(text: str, limit: int = 40) -> str:
+    """
+    Return C{text} cut to about C{limit} characters, for a value quoted in an
+    error message: a number of thousands of digits made messages of kilobytes.
+    """
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _describeJSON(value: Any) -> str:
     """
     Return how an error message names a JSON value: literals and numbers as
     they are, other values by their type.
     """
     if value is None or isinstance(value, (bool, int, float)):
-        return json.dumps(value)
+        return _brief(json.dumps(value))
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
@@ -206,7 +214,7 @@ def _terminalSize(body: dict[str, Any], name: str, default: int | None) -> int |
         return default
     if not 1 <= value <= MAX_TERMINAL_SIZE:
         raise InvalidRequest(
-            f"Field {name} must be an integer from 1 to {MAX_TERMINAL_SIZE}, got {value}.",
+            f"Field {name} must be an integer from 1 to {MAX_TERMINAL_SIZE}, got {_brief(str(value))}.",
             field=name,
             value=value,
         )
@@ -245,14 +253,14 @@ def _integerArgument(request: IRequest, name: str, minimum: int, maximum: int | 
     limits = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
     if not NON_NEGATIVE_INTEGER.match(raw) or int(raw) < minimum:
         raise InvalidRequest(
-            f"Query parameter {name} must be an integer {limits}, got {raw!r}.",
+            f"Query parameter {name} must be an integer {limits}, got {_brief(repr(raw))}.",
             field=name,
             value=raw,
         )
     value = int(raw)
     if maximum is not None and value > maximum:
         raise InvalidRequest(
-            f"Query parameter {name} must be an integer {limits}, got {raw!r}.",
+            f"Query parameter {name} must be an integer {limits}, got {_brief(repr(raw))}.",
             field=name,
             value=raw,
         )

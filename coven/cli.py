@@ -102,13 +102,15 @@ def writeAll(fd: int, data: bytes) -> None:
 
 
 def describeAPIError(error: CovenAPIError) -> str:
+    # Messages and details quote request values, such as a --cwd, which may
+    # hold control characters.
     text = f"{error.message} [{error.code}"
     if error.details:
         text += "; " + ", ".join(
             f"{name}={value if isinstance(value, str) else json.dumps(value)}"
             for name, value in error.details.items()
         )
-    return text + "]"
+    return printable(text + "]")
 
 
 def parseTimestamp(value: str) -> datetime.datetime | None:
@@ -661,10 +663,10 @@ async def attachSession(reactor: Any, client: CovenClient, session: SessionRecor
             cause = f"exit code {payload['exitCode']}"
         else:
             cause = payload.get("reason") or "no exit code"
-        sys.stderr.write(f"Session {session.id} ended: {payload.get('status')}, {cause}.\n")
+        sys.stderr.write(f"Session {session.id} ended: {payload.get('status')}, {printable(str(cause))}.\n")
     else:
         reason = eventPayload(final).get("reason", "the daemon restarted")
-        sys.stderr.write(f"Session {session.id} was orphaned: {reason}.\n")
+        sys.stderr.write(f"Session {session.id} was orphaned: {printable(str(reason))}.\n")
     return EXIT_OK
 
 
@@ -995,7 +997,7 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
     if reachable:
         capabilities = await client.capabilities()
         if capabilities.harnessConfigError:
-            report.fail(f"harness configuration ignored: {capabilities.harnessConfigError}")
+            report.fail(f"harness configuration ignored: {printable(capabilities.harnessConfigError)}")
         harnesses = [entry for entry in capabilities.capabilities if entry.harness]
         for entry in harnesses:
             if entry.executable:
@@ -1014,7 +1016,7 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
     else:
         registry = HarnessRegistry(os.path.join(home, "harnesses.toml"))
         if registry.configError:
-            report.fail(f"harness configuration ignored: {registry.configError}")
+            report.fail(f"harness configuration ignored: {printable(registry.configError)}")
         for spec in registry.all():
             executable = spec.resolveExecutable(os.environ.get("PATH"))
             if executable and os.sep in spec.command[0]:

@@ -297,6 +297,14 @@ def test_control_characters_in_title_escaped(cliDaemon):
         assert not any(character in output for character in "\x1b\x07\x9b\t")
 
 
+def test_control_characters_in_errors_escaped(cliDaemon):
+    result = coven(cliDaemon.home, "run", "fake", "hi", "--detach", "--cwd", "missing\x1b[7m", cwd=cliDaemon.project)
+
+    assert result.returncode == 1
+    assert "missing\\x1b[7m" in result.stderr
+    assert "\x1b" not in result.stderr
+
+
 def test_sessions_table_and_all(cliDaemon):
     kept = launch(cliDaemon, "print kept")
     hidden = launch(cliDaemon, "print hidden")

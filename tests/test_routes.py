@@ -388,6 +388,9 @@ def test_launch_field_wrong_type(memory: MemoryDaemon, field: str, value: Any) -
         ("prompt", None, "Field prompt must be a string, got null."),
         ("harness", ["fake"], "Field harness must be a harness id string, got an array."),
         ("title", {}, "Field title must be a string, got an object."),
+        # A huge number is cut in the message, not echoed in full.
+        ("cols", 10**400, "Field cols must be an integer from 1 to 1000, got " + "1" + "0" * 36 + "...."),
+        ("prompt", 10**400, "Field prompt must be a string, got " + "1" + "0" * 36 + "...."),
     ],
 )
 def test_wrong_type_message_names_value(memory: MemoryDaemon, field: str, value: Any, message: str) -> None:
