@@ -50,30 +50,69 @@ class HarnessSpec:
         """
         return shutil.which(self.command[0], path=path)
 
+    def _missingKind(self) -> tuple[str, str]:
+        """
+        Return why L{resolveExecutable} found no executable, as a kind
+        (C{"path"}, C{"absent"}, C{"unreachable"}, C{"unusable"},
+        C{"folder"} or C{"mode"}) and, for C{"unusable"}, the system's error.
+        A command with a slash is a file path, never looked up on C{PATH}.
+        """
+        command = self.command[0]
+        if os.sep not in command:
+            return "path", ""
+        try:
+            status = os.stat(command)
+        except FileNotFoundError:
+            return "absent", ""
+        except PermissionError:
+            return "unreachable", ""
+        except OSError as error:
+            return "unusable", error.strerror or str(error)
+        if stat.S_ISDIR(status.st_mode):
+            return "folder", ""
+        return "mode", ""
+
     def missingReason(self, where: str = "the daemon's PATH") -> str:
         """
-        Return why L{resolveExecutable} found no executable. A command with a
-        slash is a file path, never looked up on C{PATH}.
+        Return why L{resolveExecutable} found no executable.
 
         @param where: the C{PATH} searched, as the message should name it.
         """
         command = self.command[0]
-        if os.sep not in command:
-            return f"executable {command!r} was not found on {where}"
-        try:
-            status = os.stat(command)
-        except FileNotFoundError:
-            return f"executable {command!r} does not exist"
-        except PermissionError:
-            return (
+        kind, error = self._missingKind()
+        reasons = {
+            "path": f"executable {command!r} was not found on {where}",
+            "absent": f"executable {command!r} does not exist",
+            "unreachable": (
                 f"executable {command!r} cannot be reached: a folder on its path denies"
                 " search permission"
+            ),
+            "unusable": f"executable {command!r} cannot be used: {error}",
+            "folder": f"{command!r} is a folder, not an executable file",
+            "mode": f"{command!r} is not executable by the daemon's user",
+        }
+        return reasons[kind]
+
+    def missingAdvice(self, configPath: str, path: str) -> str:
+        """
+        Return what to do about the missing executable that
+        L{missingReason} explains.
+
+        @param configPath: the harnesses.toml that sets commands.
+        @param path: the C{PATH} the daemon searched.
+        """
+        kind, _ = self._missingKind()
+        if kind == "path":
+            return (
+                f"Install it in a folder on that PATH ({path}), or set its command in"
+                f" {configPath}. A different PATH takes a restart of the daemon."
             )
-        except OSError as error:
-            return f"executable {command!r} cannot be used: {error.strerror}"
-        if stat.S_ISDIR(status.st_mode):
-            return f"{command!r} is a folder, not an executable file"
-        return f"{command!r} is not executable by the daemon's user"
+        if kind == "mode":
+            return (
+                f"Make that file executable, or set the harness's command in {configPath}"
+                " to one that is."
+            )
+        return f"Set the harness's command in {configPath} to an executable file."
 
 
 BUILTIN_HARNESSES = (
@@ -128,7 +167,7 @@ def parseHarnessFile(path: str) -> list[HarnessSpec]:
             raise HarnessConfigError(f"{where} command must name an executable")
         executable = os.path.expanduser(command[0])
         # A relative path would be looked up from the daemon's folder but run
-        # from the session's, so it is refused rather than half supported.
+        # from the session's, so it is rejected.
         if os.sep in executable and not os.path.isabs(executable):
             raise HarnessConfigError(
                 f"{where} command {command[0]!r} is a relative path; give an absolute path,"

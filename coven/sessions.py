@@ -430,19 +430,7 @@ class SessionManager(Service):
         if executable is None:
             reason = harness.missingReason()
             await self._recordSpawnFailure(record, reason)
-            if reason.endswith("executable by the daemon's user"):
-                advice = (
-                    f"Make that file executable, or set the harness's command in"
-                    f" {self.harnesses.configPath} to one that is."
-                )
-            elif os.sep in harness.command[0]:
-                advice = f"Set the harness's command in {self.harnesses.configPath} to an executable file."
-            else:
-                advice = (
-                    f"Install it in a folder on that PATH ({environment.get('PATH', os.defpath)}),"
-                    f" or set its command in {self.harnesses.configPath}. A different PATH takes"
-                    " a restart of the daemon."
-                )
+            advice = harness.missingAdvice(self.harnesses.configPath, environment.get("PATH", os.defpath))
             raise PtySpawnFailed(
                 f"Harness {harness.id} could not be launched: {reason}. {advice}",
                 sessionId=sessionId,

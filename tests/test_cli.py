@@ -287,13 +287,13 @@ def test_control_characters_in_title_escaped(cliDaemon):
     sessionId = json.loads(started.stdout)["id"]
 
     table = coven(cliDaemon.home, "sessions")
-    shown = coven(cliDaemon.home, "show", sessionId)
+    showOutput = coven(cliDaemon.home, "show", sessionId)
 
     # The title is stored as given, and only the printed text is escaped.
     assert api(cliDaemon, "GET", f"/api/v1/sessions/{sessionId}")["title"] == title
     assert "\\x1b[31mred\\x1b[0m and\\x07bell\\x9b\n" in table.stdout
-    assert "title:     \\x1b[31mred\\x1b[0m\\x09and\\x07bell\\x9b\n" in shown.stdout
-    for output in (table.stdout, shown.stdout):
+    assert "title:     \\x1b[31mred\\x1b[0m\\x09and\\x07bell\\x9b\n" in showOutput.stdout
+    for output in (table.stdout, showOutput.stdout):
         assert not any(character in output for character in "\x1b\x07\x9b\t")
 
 
@@ -524,18 +524,29 @@ def test_older_database_upgrade_reported(emptyHome):
     ) in report.stdout
 
 
-def test_doctor_names_harness_file_without_executables(emptyHome):
+def doctorWithHarnessFile(emptyHome: str, text: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """
+    Start a daemon on a new home whose harnesses.toml is C{text}, and return
+    the home and the output of `coven doctor` against it.
+    """
     home = os.path.join(emptyHome, "h")
     os.makedirs(home, mode=0o700)
     with open(os.path.join(home, "harnesses.toml"), "w") as file:
-        for harness in ("codex", "claude", "copilot"):
-            file.write(f'[harnesses.{harness}]\ncommand = ["{emptyHome}/missing-{harness}"]\n')
+        file.write(text)
     started = coven(home, "daemon", "start")
     assert started.returncode == 0, started.stderr
     try:
-        report = coven(home, "doctor")
+        return home, coven(home, "doctor")
     finally:
         coven(home, "daemon", "stop")
+
+
+def test_doctor_names_harness_file_without_executables(emptyHome):
+    text = "".join(
+        f'[harnesses.{harness}]\ncommand = ["{emptyHome}/missing-{harness}"]\n'
+        for harness in ("codex", "claude", "copilot")
+    )
+    home, report = doctorWithHarnessFile(emptyHome, text)
 
     assert "FAIL  no harness executable is on the daemon's PATH" in report.stdout
     assert f"add one to {home}/harnesses.toml" in report.stdout
@@ -552,16 +563,7 @@ def test_empty_home_rejected(emptyHome):
 
 
 def test_doctor_ignored_harness_file_fails_once(emptyHome):
-    home = os.path.join(emptyHome, "h")
-    os.makedirs(home, mode=0o700)
-    with open(os.path.join(home, "harnesses.toml"), "w") as file:
-        file.write("[harnesses.broken\n")
-    started = coven(home, "daemon", "start")
-    assert started.returncode == 0, started.stderr
-    try:
-        report = coven(home, "doctor")
-    finally:
-        coven(home, "daemon", "stop")
+    _, report = doctorWithHarnessFile(emptyHome, "[harnesses.broken\n")
 
     # Whether or not a built-in harness is installed, the one failure is the
     # file that was ignored.

@@ -934,13 +934,20 @@ def test_long_poll_returns_at_once(memory: MemoryDaemon) -> None:
     assert memory.clock.getDelayedCalls() == []
 
 
-def test_long_poll_client_gone(memory: MemoryDaemon) -> None:
-    record, _ = memory.launch()
-    pending = memory.send("GET", f"/api/v1/events?sessionId={record['id']}&waitMs=5000")
+def hangUpWhileWaiting(memory: MemoryDaemon, path: str) -> None:
+    """
+    Send a waiting GET of C{path}, check that it waits, then close the
+    client's connection.
+    """
+    pending = memory.send("GET", path)
     assert not memory.isSettled(pending)
-
     pending.deferred.cancel()
     memory.client.flush()
+
+
+def test_long_poll_client_gone(memory: MemoryDaemon) -> None:
+    record, _ = memory.launch()
+    hangUpWhileWaiting(memory, f"/api/v1/events?sessionId={record['id']}&waitMs=5000")
     # The daemon saw the connection close and dropped the wait's timer.
     assert memory.clock.getDelayedCalls() == []
 
@@ -1001,11 +1008,7 @@ def test_session_wait_ended_at_once(memory: MemoryDaemon) -> None:
 
 def test_session_wait_client_gone(memory: MemoryDaemon) -> None:
     record, process = memory.launch()
-    pending = memory.send("GET", f"/api/v1/sessions/{record['id']}?waitMs=5000")
-    assert not memory.isSettled(pending)
-
-    pending.deferred.cancel()
-    memory.client.flush()
+    hangUpWhileWaiting(memory, f"/api/v1/sessions/{record['id']}?waitMs=5000")
     # The daemon dropped the wait and its timer.
     assert memory.clock.getDelayedCalls() == []
     assert memory.sessions._live[record["id"]].endWaiters == []
