@@ -1054,6 +1054,10 @@ _SINGLE_BYTES = [bytes((byte,)) for byte in range(256)]
 # calls: 0.31 against 0.88 microseconds for a 19-byte line with colour codes.
 _SHORT_TEXT = 256
 _MAX_REPLACED_VALUES = 16
+# From about this many bytes to escape on (an estimate, not a measured
+# crossover), one scan per escapable value finds the values present faster
+# than building a set of the bytes.
+_SET_MAX_BYTES = 256
 _encodeString = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
@@ -1068,8 +1072,7 @@ def _escapeJSON(text: bytes, escapes: dict[int, bytes]) -> bytes:
         found = text.translate(None, _NOT_ESCAPED)
         if not found:
             return text
-        # Building a set costs more than 34 scans of many found bytes.
-        if len(found) < _SHORT_TEXT:
+        if len(found) < _SET_MAX_BYTES:
             values = set(found)
         else:
             values = {byte for byte in _ESCAPED if _SINGLE_BYTES[byte] in found}

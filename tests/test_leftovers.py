@@ -72,8 +72,8 @@ def test_members_started_before_harness_skipped(processes: list[subprocess.Popen
 
 
 def test_reused_harness_pid_not_signalled(processes: list[subprocess.Popen[bytes]]) -> None:
-    # A process that leads its own group and session plays the part of one that
-    # got the pid of a harness already reaped.
+    # This process leads its own group and session, like a new process that
+    # got the pid of a reaped harness.
     other = subprocess.Popen(WAITER, stdin=subprocess.PIPE, start_new_session=True)
     processes.append(other)
     otherTicks = processStartTicks(other.pid)

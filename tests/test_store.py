@@ -145,10 +145,9 @@ AWKWARD_TEXTS = [
 
 
 def test_escape_matches_json_dumps() -> None:
-    # Every character below 0x80 alone, then random mixes of plain,
-    # multi-byte and escaped characters: short texts, which Python's JSON
-    # encoder escapes, long ones with few kinds of escapes, which take one
-    # bytes.replace per kind, and long ones with many kinds.
+    # Every character below 0x80 alone, then random texts for each path of
+    # _escapeJSON: short ones, long ones with few kinds of escapes and long
+    # ones with many kinds.
     pieces = [chr(code) for code in range(0x80)] + ["\u00e9", "\u2028", "\U0001f600", "\ufffd", "ab"]
     escaped = [chr(code) for code in range(0x20)] + ['"', "\\"]
     generator = random.Random(4)
