@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -129,6 +130,22 @@ class HarnessConfigError(Exception):
     """
 
 
+# The keys of a [harnesses.ID] table.
+HARNESS_KEYS = ("command", "prompt_args", "label")
+
+
+def _rejectUnknownKeys(table: dict[str, Any], known: tuple[str, ...], where: str, expected: str) -> None:
+    """
+    Raise for the first key of C{table} not in C{known}, so a misspelled key
+    is not silently ignored in favour of a default.
+    """
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise HarnessConfigError(f"{where}: unknown key {key!r}; {hint}{expected}")
+
+
 def _stringList(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise HarnessConfigError(f"{where} must be a list of strings")
@@ -149,6 +166,7 @@ def parseHarnessFile(path: str) -> list[HarnessSpec]:
     except (OSError, UnicodeDecodeError) as error:
         raise HarnessConfigError(f"{path}: cannot be read: {error}") from error
 
+    _rejectUnknownKeys(document, ("harnesses",), path, "each harness goes in a [harnesses.ID] table")
     tables = document.get("harnesses", {})
     if not isinstance(tables, dict):
         raise HarnessConfigError(f"{path}: 'harnesses' must be a table of [harnesses.ID] tables")
@@ -162,6 +180,7 @@ def parseHarnessFile(path: str) -> list[HarnessSpec]:
             )
         if not isinstance(table, dict):
             raise HarnessConfigError(f"{where} must be a table")
+        _rejectUnknownKeys(table, HARNESS_KEYS, where, "the keys are command, prompt_args and label")
         command = _stringList(table.get("command"), f"{where} command")
         if not command or not command[0]:
             raise HarnessConfigError(f"{where} command must name an executable")

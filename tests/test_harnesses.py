@@ -52,6 +52,37 @@ def test_relative_command_path_rejected(tmp_path: pathlib.Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[harnesses.typo]\ncommand = ["agent"]\nprompt_arg = ["--x", "{prompt}"]\n',
+            "[harnesses.typo]: unknown key 'prompt_arg'; did you mean 'prompt_args'?"
+            " the keys are command, prompt_args and label",
+        ),
+        (
+            '[harnesses.typo]\ncommand = ["agent"]\nenv = {}\n',
+            "[harnesses.typo]: unknown key 'env'; the keys are command, prompt_args and label",
+        ),
+        (
+            '[harness.typo]\ncommand = ["agent"]\n',
+            "unknown key 'harness'; did you mean 'harnesses'? each harness goes in a"
+            " [harnesses.ID] table",
+        ),
+    ],
+)
+def test_unknown_key_rejected(tmp_path: pathlib.Path, text: str, message: str) -> None:
+    config = tmp_path / "harnesses.toml"
+    config.write_text(text)
+
+    with pytest.raises(HarnessConfigError) as raised:
+        parseHarnessFile(str(config))
+
+    # A misspelled key would otherwise fall back to its default unnoticed,
+    # such as prompt_args changing the harness's argv.
+    assert str(raised.value) == f"{config}: {message}"
+
+
 def test_home_relative_command_expanded(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     config = tmp_path / "harnesses.toml"
