@@ -314,6 +314,25 @@ def defaultListen(home: str) -> str:
     return f"unix:{path}:mode=600:lockfile=0:backlog=1024"
 
 
+def listenProblem(reactor: Any, listen: str) -> str | None:
+    """
+    Return why C{listen} is not a server endpoint string Twisted can parse, or
+    C{None}. Parsing opens no socket. A C{systemd:} endpoint also needs the
+    sockets systemd passes in C{LISTEN_FDS}.
+    """
+    try:
+        serverFromString(reactor, listen)
+    # Each endpoint type's parser raises its own errors: ValueError for an
+    # unknown type or a bad number, TypeError for a repeated argument,
+    # IndexError for a systemd socket that was not passed.
+    except Exception as error:
+        message = f"--listen {listen!r} is not a valid endpoint: {error}"
+        if listen.split(":", 1)[0].lower() == "systemd":
+            message += "; a systemd: endpoint needs the daemon started by a socket unit, see docs/systemd.md"
+        return message
+    return None
+
+
 def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
     """
     Build the daemon from C{twistd coven} options, taking the home's lock now so
@@ -329,6 +348,11 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
         sys.stderr.write("coven: --home is empty; give a folder, or leave it out for $COVEN_HOME or ~/.coven\n")
         raise SystemExit(2)
     home = os.path.abspath(os.path.expanduser(options.get("home") or defaultHome()))
+    if options.get("listen"):
+        problem = listenProblem(reactor, options["listen"])
+        if problem is not None:
+            sys.stderr.write(f"coven: {problem}\n")
+            raise SystemExit(2)
     listen = options.get("listen") or defaultListen(home)
     service = CovenService(home, listen, reactor, killGrace=float(options.get("kill-grace") or DEFAULT_KILL_GRACE))
     problem = socketPathProblem(service.socketPath) if service.listensOnHomeSocket else None

@@ -324,6 +324,27 @@ def test_listen_failure_stops_daemon(home):
     assert not os.path.exists(os.path.join(covenHome, "daemon.json"))
 
 
+@pytest.mark.parametrize(
+    ("listen", "reason"),
+    [
+        ("bogus:thing", "Unknown endpoint type: 'bogus'"),
+        ("tcp:notaport", "invalid literal for int() with base 10: 'notaport'"),
+        (
+            "systemd:domain=UNIX:index=0",
+            "list index out of range; a systemd: endpoint needs the daemon started by a"
+            " socket unit, see docs/systemd.md",
+        ),
+    ],
+)
+def test_invalid_listen_rejected(home, listen, reason):
+    covenHome = os.path.join(home, "coven")
+    result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", covenHome, "--listen", listen, timeout=30)
+
+    assert result.returncode == 2
+    assert result.stderr == f"coven: --listen {listen!r} is not a valid endpoint: {reason}\n"
+    assert not os.path.exists(covenHome)
+
+
 def test_long_home_rejected_before_start(home):
     covenHome = os.path.join(home, "h" * 120)
     result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", covenHome, timeout=30)
