@@ -142,8 +142,8 @@ def _rejectUnknownKeys(table: dict[str, Any], known: tuple[str, ...], where: str
     for key in table:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise HarnessConfigError(f"{where}: unknown key {key!r}; {hint}{expected}")
+            advice = f"did you mean {close[0]!r}?" if close else expected
+            raise HarnessConfigError(f"{where}: unknown key {key!r}; {advice}")
 
 
 def _stringList(value: Any, where: str) -> tuple[str, ...]:

@@ -57,17 +57,19 @@ def test_relative_command_path_rejected(tmp_path: pathlib.Path) -> None:
     [
         (
             '[harnesses.typo]\ncommand = ["agent"]\nprompt_arg = ["--x", "{prompt}"]\n',
-            "[harnesses.typo]: unknown key 'prompt_arg'; did you mean 'prompt_args'?"
-            " the keys are command, prompt_args and label",
+            "[harnesses.typo]: unknown key 'prompt_arg'; did you mean 'prompt_args'?",
         ),
         (
             '[harnesses.typo]\ncommand = ["agent"]\nenv = {}\n',
             "[harnesses.typo]: unknown key 'env'; the keys are command, prompt_args and label",
         ),
         (
+            '[agent]\ncommand = ["agent"]\n',
+            "unknown key 'agent'; each harness goes in a [harnesses.ID] table",
+        ),
+        (
             '[harness.typo]\ncommand = ["agent"]\n',
-            "unknown key 'harness'; did you mean 'harnesses'? each harness goes in a"
-            " [harnesses.ID] table",
+            "unknown key 'harness'; did you mean 'harnesses'?",
         ),
     ],
 )
