@@ -41,6 +41,7 @@ from coven.client import (
 )
 from coven.harnesses import HarnessRegistry
 from coven.records import Event, SessionRecord
+from coven.settings import SETTINGS_FILE, loadSettings
 from coven.store import SCHEMA_VERSION, connectReadOnly, schemaProblem
 
 EXIT_OK = 0
@@ -971,6 +972,17 @@ def checkDatabase(report: _Report, path: str) -> None:
         report.ok(f"database {path}: integrity check ok, schema version {version}")
 
 
+def checkSettings(report: _Report, path: str) -> None:
+    # The daemon reads the file only when it starts, so a running daemon may
+    # still use the settings the file contained then.
+    settings = loadSettings(path)
+    if settings.error:
+        report.fail(f"settings ignored, so the daemon starts with the defaults (redaction on): {printable(settings.error)}")
+    elif os.path.exists(path):
+        state = "on" if settings.redact else "off"
+        report.ok(f"settings {path}: redaction {state} (read when the daemon starts)")
+
+
 async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namespace) -> int:
     report = _Report()
     home = client.home
@@ -1026,6 +1038,8 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             else:
                 reason = spec.missingReason(where="this shell's PATH")
                 report.warn(f"harness {spec.id}: {reason}")
+
+    checkSettings(report, os.path.join(home, SETTINGS_FILE))
 
     database = os.path.join(home, "coven.sqlite3")
     if checkPrivate(report, "database", database, 0o600, stat.S_ISREG):

@@ -8,10 +8,8 @@ import json
 import os
 import sqlite3
 import sys
-import tomllib
 from typing import Any
 
-import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp, unix
 from twisted.internet.endpoints import serverFromString
@@ -22,44 +20,11 @@ from coven.harnesses import HarnessRegistry
 from coven.home import defaultHome, socketPathProblem
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
+from coven.settings import SETTINGS_FILE, loadSettings
 from coven.store import Store, StoreSchemaError, checkDatabaseSchema
 from coven.web import CovenSite
 
 log = Logger()
-
-
-@attrs.frozen
-class Settings:
-    """
-    Daemon settings from C{<home>/coven.toml}.
-
-    @ivar redact: replace secret-shaped tokens in output and input before they
-        are stored; on unless C{[redaction] enabled = false}.
-    @ivar error: why the file could not be used, if it could not.
-    """
-
-    redact: bool = True
-    error: str | None = None
-
-
-def loadSettings(path: str) -> Settings:
-    """
-    Read C{coven.toml}; a missing file gives the defaults, and an invalid one
-    the defaults with L{Settings.error} set.
-    """
-    try:
-        with open(path, "rb") as file:
-            document = tomllib.load(file)
-    except FileNotFoundError:
-        return Settings()
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        return Settings(error=f"{path}: cannot be used: {error}")
-
-    redaction = document.get("redaction", {})
-    enabled = redaction.get("enabled", True) if isinstance(redaction, dict) else None
-    if not isinstance(enabled, bool):
-        return Settings(error=f"{path}: [redaction] enabled must be true or false")
-    return Settings(redact=enabled)
 
 
 class HomeInUse(Exception):
@@ -102,7 +67,7 @@ class CovenService(MultiService):
         self.store.onIdleAfterLoad = releaseFreeMemory
         self.store.setServiceParent(self)
         self.harnesses = HarnessRegistry(os.path.join(home, "harnesses.toml"))
-        self.settings = loadSettings(os.path.join(home, "coven.toml"))
+        self.settings = loadSettings(os.path.join(home, SETTINGS_FILE))
         if self.settings.error is not None:
             log.error("Using default settings: {error}", error=self.settings.error)
         self.sessions = SessionManager(

@@ -562,6 +562,24 @@ def test_empty_home_rejected(emptyHome):
     )
 
 
+def test_doctor_reports_settings_file(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    os.makedirs(home, mode=0o700)
+    path = os.path.join(home, "coven.toml")
+    with open(path, "w") as file:
+        file.write("[redaction]\nenable = false\n")
+    invalid = coven(home, "doctor")
+    with open(path, "w") as file:
+        file.write("[redaction]\nenabled = false\n")
+    valid = coven(home, "doctor")
+
+    assert (
+        "FAIL  settings ignored, so the daemon starts with the defaults (redaction on):"
+        f" {path}: [redaction] unknown key 'enable'; did you mean 'enabled'?\n"
+    ) in invalid.stdout
+    assert f"ok    settings {path}: redaction off (read when the daemon starts)\n" in valid.stdout
+
+
 def test_doctor_ignored_harness_file_fails_once(emptyHome):
     _, report = doctorWithHarnessFile(emptyHome, "[harnesses.broken\n")
 
