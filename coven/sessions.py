@@ -610,7 +610,16 @@ class SessionManager(Service):
         record = await self._store.getSession(sessionId)
         if record is None:
             raise SessionNotFound(sessionId=sessionId)
-        if sessionId in self._live or record.status == "running":
+        live = self._live.get(sessionId)
+        if live is not None and live.killed:
+            # The kill was sent, and the harness has not exited within the grace yet.
+            raise SessionNotLive(
+                f"Session {sessionId} is being killed but has not exited yet (SIGKILL follows"
+                f" {self.killGrace:g} s after SIGTERM); try again once it has exited.",
+                sessionId=sessionId,
+                status=record.status,
+            )
+        if live is not None or record.status == "running":
             raise SessionNotLive(
                 f"Session {sessionId} is still running; kill it or wait for it to exit first.",
                 sessionId=sessionId,
@@ -769,10 +778,12 @@ class SessionManager(Service):
             wait=True,
         )
         del self._live[sessionId]
+        ending = f"exit code {exitCode}" if signalNumber is None else f"signal {signalName(signalNumber)}"
         log.info(
-            "Session {sessionId} ended: {status}, exit code {exitCode}, signal {signal}",
+            "Session {sessionId} ended: {status}, {ending}",
             sessionId=sessionId,
             status=status,
+            ending=ending,
             exitCode=exitCode,
             signal=signalName(signalNumber),
         )

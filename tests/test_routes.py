@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from coven import sessions as sessionsModule
@@ -1209,6 +1210,40 @@ def test_kill_finished_not_live(memory: MemoryDaemon) -> None:
     assert error["message"] == (
         f"Session {sessionId} has already ended (completed), so there is nothing to kill."
     )
+
+
+def test_archive_while_killing_not_live(memory: MemoryDaemon) -> None:
+    record, _ = memory.launch()
+    running = checkError(memory.post(f"/api/v1/sessions/{record['id']}/archive"), 409, "session_not_live")
+    memory.post(f"/api/v1/sessions/{record['id']}/kill")
+    killing = checkError(memory.post(f"/api/v1/sessions/{record['id']}/archive"), 409, "session_not_live")
+
+    assert running["message"] == (
+        f"Session {record['id']} is still running; kill it or wait for it to exit first."
+    )
+    # The kill was requested, so the advice is to wait for the exit, not to kill.
+    assert killing["message"] == (
+        f"Session {record['id']} is being killed but has not exited yet (SIGKILL follows"
+        f" {memory.sessions.killGrace:g} s after SIGTERM); try again once it has exited."
+    )
+    assert killing["details"] == {"sessionId": record["id"], "status": "killed"}
+
+
+def test_end_logged_with_code_or_signal(memory: MemoryDaemon) -> None:
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        exited, exitedProcess = memory.launch()
+        exitedProcess.end(exitReason(3))
+        killed, killedProcess = memory.launch()
+        killedProcess.end(exitReason(signal=signal.SIGKILL))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+
+    lines = [formatEvent(event) for event in logged]
+    assert f"Session {exited['id']} ended: failed, exit code 3" in lines
+    # A harness ended by a signal has no exit code to show.
+    assert f"Session {killed['id']} ended: failed, signal SIGKILL" in lines
 
 
 def test_kill_unknown_session(memory: MemoryDaemon) -> None:
