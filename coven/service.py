@@ -89,7 +89,15 @@ class CovenService(MultiService):
         @raise HomeInUse: another daemon serves this home.
         """
         os.makedirs(self.home, mode=0o700, exist_ok=True)
-        os.chmod(self.home, 0o700)
+        mode = os.stat(self.home).st_mode & 0o7777
+        if mode != 0o700:
+            os.chmod(self.home, 0o700)
+            log.warn(
+                "Changed the mode of the home folder {home} from {old} to 0700, so that only"
+                " its owner can read the sessions in it",
+                home=self.home,
+                old=f"{mode:04o}",
+            )
         lockPath = os.path.join(self.home, "coven.lock")
         descriptor = os.open(lockPath, os.O_RDWR | os.O_CREAT, 0o600)
         try:

@@ -278,6 +278,23 @@ def test_invalid_harness_file_reported(home):
     assert "line 3" in log
 
 
+def test_open_home_mode_changed_and_logged(home):
+    covenHome = os.path.join(home, "coven")
+    writeHarnesses(covenHome)
+    os.chmod(covenHome, 0o755)
+    logPath = os.path.join(home, "coven.log")
+    process = startTwistd(home, covenHome, logPath)
+    try:
+        mode = os.stat(covenHome).st_mode & 0o777
+    finally:
+        stopTwistd(process)
+    with open(logPath) as file:
+        log = file.read()
+
+    assert mode == 0o700
+    assert f"Changed the mode of the home folder {covenHome} from 0755 to 0700" in log
+
+
 def test_permissive_umask_keeps_modes(home):
     covenHome = os.path.join(home, "coven")
     writeHarnesses(covenHome)
