@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coven import __version__
 from coven.client import (
     FINAL_EVENT_KINDS,
     CovenAPIError,
@@ -112,6 +113,19 @@ def describeAPIError(error: CovenAPIError) -> str:
             for name, value in error.details.items()
         )
     return printable(text + "]")
+
+
+def nonNegativeInteger(value: str) -> int:
+    """
+    Parse an option value that must be a whole number of 0 or more.
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
 
 
 def parseTimestamp(value: str) -> datetime.datetime | None:
@@ -1061,6 +1075,7 @@ def buildParser() -> argparse.ArgumentParser:
         description="Run coding-agent CLIs in the Coven daemon and attach to them.",
         epilog="Exit codes: 0 success, 1 API or command error, 2 usage error, 3 daemon not running.",
     )
+    parser.add_argument("--version", action="version", version=f"coven {__version__}")
     parser.add_argument(
         "--home",
         metavar="DIR",
@@ -1101,7 +1116,7 @@ def buildParser() -> argparse.ArgumentParser:
 
     events = command("events", eventsCommand, "print a session's events as JSON lines")
     sessionArgument(events)
-    events.add_argument("--after", type=int, default=0, metavar="N", help="only events with seq above N")
+    events.add_argument("--after", type=nonNegativeInteger, default=0, metavar="N", help="only events with seq above N")
     events.add_argument("--json", action="store_true", help="print each event page as returned, one per line")
 
     log = command("log", logCommand, "print a session's output as recorded")

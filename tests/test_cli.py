@@ -21,6 +21,7 @@ import attrs
 import ptyprocess
 import pytest
 
+from coven import __version__
 from coven.cli import logPointer
 from coven.store import SCHEMA_VERSION
 
@@ -209,10 +210,14 @@ def test_stop_without_daemon_nothing_to_stop(emptyHome):
 
 
 def test_usage_errors_exit_code_2(emptyHome):
-    for args in ([], ["events", "abc", "--after", "x"]):
+    for args in ([], ["events", "abc", "--after", "x"], ["events", "abc", "--after", "-1"]):
         result = coven(emptyHome, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "usage: coven" in result.stderr
+    version = coven(emptyHome, "--version")
+    assert (version.returncode, version.stdout) == (0, f"coven {__version__}\n")
+    negative = coven(emptyHome, "events", "abc", "--after", "-1")
+    assert negative.stderr.endswith("coven events: error: argument --after: must be 0 or more, got -1\n")
 
     noJSON = coven(emptyHome, "run", "fake", "hi", "--json")
     assert noJSON.returncode == 2
