@@ -862,9 +862,10 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
 
     # The daemon kills its running sessions as it stops, so the user hears of them.
     try:
-        running = sum(1 for session in await client.listSessions() if session.status == "running")
+        runningIds = [session.id for session in await client.listSessions() if session.status == "running"]
     except CovenClientError:
-        running = 0
+        runningIds = []
+    running = len(runningIds)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while processAlive(pid):
@@ -875,13 +876,47 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
             )
         await sleep(reactor, POLL_INTERVAL)
     killed = ""
-    if running:
-        if running == 1:
-            killed = " It killed 1 running session and recorded how it ended."
-        else:
-            killed = f" It killed {running} running sessions and recorded how they ended."
+    unrecorded = unrecordedExits(client.home, runningIds) if running else []
+    sessions = "1 running session" if running == 1 else f"{running} running sessions"
+    if unrecorded is None:
+        killed = f" It killed {sessions}."
+    elif unrecorded:
+        logPath = os.path.join(client.home, "coven.log")
+        print(
+            f"Coven daemon stopped (pid {pid}). It killed {sessions}, but the end of"
+            f" {len(unrecorded)} of them is not in the database: {', '.join(unrecorded)};"
+            f" see {logPath}.",
+            file=sys.stderr,
+        )
+        return EXIT_API_ERROR
+    elif running == 1:
+        killed = " It killed 1 running session and recorded how it ended."
+    elif running:
+        killed = f" It killed {sessions} and recorded how they ended."
     print(f"Coven daemon stopped (pid {pid}).{killed}")
     return EXIT_OK
+
+
+def unrecordedExits(home: str, sessionIds: list[str]) -> list[str] | None:
+    """
+    Return the sessions of C{sessionIds} whose last stored event is not their
+    exit, or C{None} when the database cannot be read.
+    """
+    try:
+        connection = connectReadOnly(os.path.join(home, "coven.sqlite3"))
+        try:
+            unrecorded = []
+            for sessionId in sessionIds:
+                row = connection.execute(
+                    "SELECT kind FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT 1", (sessionId,)
+                ).fetchone()
+                if row is None or row[0] != "exit":
+                    unrecorded.append(sessionId)
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return None
+    return unrecorded
 
 
 async def daemonStartCommand(reactor: Any, client: CovenClient, args: argparse.Namespace) -> int:

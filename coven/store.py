@@ -127,6 +127,10 @@ WRITER_NICE = 10
 # with each failure in a row, up to MAX_RETRY_DELAY.
 RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 2.0
+# Seconds a stopping store goes on trying to write what is queued, such as the
+# exits of the sessions the stop killed, while writes fail (a locked database,
+# a full disk). It stays under the 30 s that `coven daemon stop` waits.
+STOP_FLUSH_TIMEOUT = 20.0
 
 
 class StoreSchemaError(Exception):
@@ -377,6 +381,9 @@ class Store(Service):
         self._urgentOps = 0
         self._retryDelay = RETRY_DELAY
         self._idleWaiters: list[defer.Deferred[None]] = []
+        self._lastWriteError: str | None = None
+        # Seconds a stop waits for queued records to be written; see _stop.
+        self.stopFlushTimeout = STOP_FLUSH_TIMEOUT
 
         # The writer thread's id once its priority is lowered.
         self.writerThreadId: int | None = None
@@ -449,7 +456,16 @@ class Store(Service):
         for call in (self._idleCall, self._checkpointCall):
             if call is not None and call.active():
                 call.cancel()
-        await self.flush()
+        flushed = self.flush()
+        timer = self._reactor.callLater(self.stopFlushTimeout, flushed.cancel)
+        try:
+            await flushed
+        except defer.CancelledError:
+            self._reportUnstored()
+            if self._flushCall is not None and self._flushCall.active():
+                self._flushCall.cancel()
+        else:
+            timer.cancel()
         self._wakeAllWaiters()
         for pool in (self._writer, self._reader, self._checkpointer):
             if pool is not None:
@@ -735,27 +751,52 @@ class Store(Service):
             )
 
         # The batch goes back to the front of the queue unchanged, so nothing is
-        # lost and the order is kept. Callers waiting on it get the failure.
-        for op in batch:
-            for waiter in op.waiters:
-                waiter.errback(RuntimeUnavailable("The session store cannot write right now."))
-            op.waiters.clear()
+        # lost and the order is kept. It is back, and its retry scheduled,
+        # before callers waiting on it get the failure: a caller may go on to
+        # stop the store, whose flush must then still find the batch.
         self._queue.extendleft(reversed(batch))
         self._urgentOps += sum(1 for op in batch if not isinstance(op, _OutputWrite))
         self._updatePressure()
-
         self._flushCall = self._reactor.callLater(self._retryDelay, self._flush)
         self._retryDelay = min(self._retryDelay * 2, MAX_RETRY_DELAY)
+        self._lastWriteError = failure.getErrorMessage()
+
+        for op in batch:
+            waiters, op.waiters = op.waiters, []
+            for waiter in waiters:
+                waiter.errback(RuntimeUnavailable("The session store cannot write right now."))
 
     def flush(self) -> defer.Deferred[None]:
         """
         Return a Deferred that fires once everything queued so far is committed.
+        Cancelling it stops only the wait.
         """
         if not self._queue and not self._inFlight:
             return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
+
+        def forget(waiter: defer.Deferred[None]) -> None:
+            self._idleWaiters.remove(waiter)
+
+        waiter: defer.Deferred[None] = defer.Deferred(forget)
         self._idleWaiters.append(waiter)
         return waiter
+
+    def _reportUnstored(self) -> None:
+        """
+        Log what the store is stopping without: records that kept failing to
+        be written for L{stopFlushTimeout} seconds.
+        """
+        sessions = {op.sessionId for op in self._queue if isinstance(op, (_EventWrite, _OutputWrite))}
+        outputBytes = sum(op.size for op in self._queue if isinstance(op, _OutputWrite))
+        log.error(
+            "Stopping with {count} records of {sessions} sessions ({outputBytes} bytes of output)"
+            " not stored: writes kept failing for {timeout} s ({error})",
+            count=len(self._queue),
+            sessions=len(sessions),
+            outputBytes=outputBytes,
+            timeout=self.stopFlushTimeout,
+            error=self._lastWriteError,
+        )
 
     def deleteSession(self, sessionId: str) -> defer.Deferred[None]:
         """

@@ -22,8 +22,8 @@ import ptyprocess
 import pytest
 
 from coven import __version__
-from coven.cli import logPointer
-from coven.store import SCHEMA_VERSION
+from coven.cli import logPointer, unrecordedExits
+from coven.store import SCHEMA_VERSION, openDatabase
 
 from .support import TESTS, harnessConfig, processExists, requestBlocking, waitUntil
 
@@ -501,6 +501,28 @@ def test_newer_database_reported(emptyHome):
     assert f"(exit code 1): {problem}.\n" in started.stderr
     assert not os.path.exists(os.path.join(home, "coven.log"))
     assert "Traceback" not in started.stderr
+
+
+def test_unrecorded_exits_found(tmp_path):
+    home = str(tmp_path)
+    path = os.path.join(home, "coven.sqlite3")
+    openDatabase(path)
+    now = "2026-12-05T00:00:00.000Z"
+    with sqlite3.connect(path) as connection:
+        for sessionId, kinds in (("ended", ["output", "kill", "exit"]), ("killed", ["output", "kill"]), ("quiet", [])):
+            connection.execute(
+                "INSERT INTO sessions (id, project_root, cwd, harness, title, status, created_at, updated_at)"
+                " VALUES (?, '/p', '/p', 'fake', 't', 'killed', ?, ?)",
+                (sessionId, now, now),
+            )
+            for number, kind in enumerate(kinds):
+                connection.execute(
+                    "INSERT INTO events (id, session_id, kind, payload_json, created_at) VALUES (?, ?, ?, '{}', ?)",
+                    (f"{sessionId}-{number}", sessionId, kind, now),
+                )
+
+    assert unrecordedExits(home, ["ended", "killed", "quiet"]) == ["killed", "quiet"]
+    assert unrecordedExits(os.path.join(home, "missing"), ["ended"]) is None
 
 
 def test_log_pointer_only_for_log_of_this_start(tmp_path):

@@ -11,7 +11,8 @@ import struct
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 
 from coven import store as storeModule
 from coven.api import jsonBytes
@@ -360,3 +361,83 @@ async def test_wal_copied_after_writes_pause(databasePath: str) -> None:
     assert afterWrites[1] == 0
     assert afterPause[1] == afterPause[0] >= afterWrites[0]
     assert sum(len(json.loads(event.payload_json)["data"]) for event in page.events) == 20 * len(text)
+
+
+async def limitPages(store: Store, pages: int | None) -> None:
+    """
+    Keep the database from growing past C{pages} pages, as on a full disk,
+    or lift the limit with C{None}. The limit belongs to the writer's connection.
+    """
+
+    def limit(cursor: sqlite3.Cursor) -> None:
+        if pages is None:
+            cursor.execute("PRAGMA max_page_count = 1073741823")
+        else:
+            cursor.execute(f"PRAGMA max_page_count = {pages}")
+
+    assert store._writer is not None
+    await store._writer.runInteraction(limit)
+
+
+async def fullStore(databasePath: str) -> Store:
+    """
+    Start a store with one session "s" stored, whose database cannot grow.
+    """
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    await store.insertSession(sessionRecord("s"))
+    assert store._writer is not None
+    (pages,) = await store._writer.runQuery("PRAGMA page_count")
+    await limitPages(store, pages[0])
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_after_failed_write_keeps_record(databasePath: str) -> None:
+    store = await fullStore(databasePath)
+    store.appendOutput("s", "x" * 100_000, None, 100_000)
+    exitWritten = store.appendEvent("s", "exit", {"status": "killed"}, wait=True)
+    stops = []
+
+    # As the session manager does: once the exit's write is over, the daemon
+    # goes on stopping, here even though that write failed.
+    def stop(failure: object) -> None:
+        stops.append(store.stopService())
+
+    assert exitWritten is not None
+    exitWritten.addErrback(stop)
+    await pollUntil(lambda: len(stops) == 1)
+    # The disk has room again while the stop waits. A stop that did not wait
+    # has closed the writer, so the time limits make this fail, not hang.
+    await defer.ensureDeferred(limitPages(store, None)).addTimeout(10, reactor)
+    await stops[0].addTimeout(30, reactor)
+
+    connection = sqlite3.connect(databasePath)
+    try:
+        kinds = [row[0] for row in connection.execute("SELECT kind FROM events ORDER BY seq")]
+    finally:
+        connection.close()
+    assert kinds == ["output", "exit"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_reports_records_never_stored(databasePath: str) -> None:
+    store = await fullStore(databasePath)
+    store.stopFlushTimeout = 0.5
+    store.appendOutput("s", "x" * 100_000, None, 100_000)
+    store.appendEvent("s", "exit", {"status": "killed"})
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        await pollUntil(lambda: store.writeFailures > 0)
+        await store.stopService()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+
+    lines = [formatEvent(event) for event in logged]
+    assert any(
+        line.startswith("Stopping with 2 records of 1 sessions (100000 bytes of output) not stored:"
+                        " writes kept failing for 0.5 s")
+        for line in lines
+    ), lines
