@@ -252,8 +252,9 @@ def checkDatabaseSchema(path: str) -> None:
 
 def openDatabase(path: str) -> list[str]:
     """
-    Create or upgrade the database at C{path} and mark sessions left C{running}
-    by an earlier daemon as C{orphaned}, each with an C{orphaned} event.
+    Create or upgrade the database at C{path} and mark sessions an earlier
+    daemon left C{running}, or C{killed} without an exit, as C{orphaned}, each
+    with an C{orphaned} event.
 
     This runs once at start, before the daemon accepts requests, so it uses a
     plain connection instead of the pool.
@@ -315,14 +316,21 @@ def _markOrphans(connection: sqlite3.Connection) -> list[str]:
     now = utcnow()
     connection.execute("BEGIN IMMEDIATE")
     try:
-        ids = [
-            row[0]
-            for row in connection.execute(
-                "SELECT id FROM sessions WHERE status = 'running' ORDER BY created_at"
-            )
-        ]
-        payload = _encodePayload({"reason": "daemon restarted while the session was running"})
-        for sessionId in ids:
+        # A session killed by request is "killed" from the request on, but has
+        # ended only once its exit event is stored; one whose daemon died
+        # within the kill's grace period has none. Its last event is found
+        # through the (session_id, seq) index.
+        rows = connection.execute(
+            "SELECT id, status FROM sessions WHERE status = 'running' OR (status = 'killed'"
+            " AND (SELECT kind FROM events WHERE events.session_id = sessions.id"
+            " ORDER BY seq DESC LIMIT 1) IS NOT 'exit') ORDER BY created_at"
+        ).fetchall()
+        reasons = {
+            "running": "daemon restarted while the session was running",
+            "killed": "daemon restarted while the session was being killed, before the harness exited",
+        }
+        ids = []
+        for sessionId, status in rows:
             connection.execute(
                 "UPDATE sessions SET status = 'orphaned', updated_at = ? WHERE id = ?",
                 (now, sessionId),
@@ -330,8 +338,9 @@ def _markOrphans(connection: sqlite3.Connection) -> list[str]:
             connection.execute(
                 "INSERT INTO events (id, session_id, kind, payload_json, created_at)"
                 " VALUES (?, ?, 'orphaned', ?, ?)",
-                (_newEventId(), sessionId, payload, now),
+                (_newEventId(), sessionId, _encodePayload({"reason": reasons[status]}), now),
             )
+            ids.append(sessionId)
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")

@@ -441,3 +441,47 @@ async def test_stop_reports_records_never_stored(databasePath: str) -> None:
                         " writes kept failing for 0.5 s")
         for line in lines
     ), lines
+
+
+def test_killed_without_exit_orphaned(databasePath: str) -> None:
+    openDatabase(databasePath)
+    now = utcnow()
+    sessions = {
+        "running": ("running", ["output"]),
+        "killing": ("killed", ["output", "kill"]),
+        "killed": ("killed", ["output", "kill", "exit"]),
+        "done": ("completed", ["output", "exit"]),
+    }
+    with sqlite3.connect(databasePath) as connection:
+        for sessionId, (status, kinds) in sessions.items():
+            record = sessionRecord(sessionId)
+            connection.execute(
+                "INSERT INTO sessions (id, project_root, cwd, harness, title, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sessionId, record.project_root, record.cwd, record.harness, record.title, status, now, now),
+            )
+            for number, kind in enumerate(kinds):
+                connection.execute(
+                    "INSERT INTO events (id, session_id, kind, payload_json, created_at) VALUES (?, ?, ?, '{}', ?)",
+                    (f"{sessionId}-{number}", sessionId, kind, now),
+                )
+
+    # The daemon that killed "killing" died within the kill's grace period.
+    orphaned = openDatabase(databasePath)
+
+    with sqlite3.connect(databasePath) as connection:
+        statuses = dict(connection.execute("SELECT id, status FROM sessions"))
+        last = {
+            sessionId: connection.execute(
+                "SELECT kind, payload_json FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
+                (sessionId,),
+            ).fetchone()
+            for sessionId in sessions
+        }
+    assert sorted(orphaned) == ["killing", "running"]
+    assert statuses == {"running": "orphaned", "killing": "orphaned", "killed": "killed", "done": "completed"}
+    assert last["killing"][0] == "orphaned"
+    assert json.loads(last["killing"][1]) == {
+        "reason": "daemon restarted while the session was being killed, before the harness exited"
+    }
+    assert last["killed"][0] == "exit"
