@@ -990,6 +990,16 @@ def _checkpointWAL(cursor: sqlite3.Cursor) -> None:
     cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+def _rollback(cursor: sqlite3.Cursor) -> None:
+    """
+    Roll back the open transaction, if there still is one. SQLite ends it by
+    itself on some errors, such as a full disk, and a ROLLBACK then raises
+    "no transaction is active" in place of the error that matters.
+    """
+    if cursor.connection.in_transaction:
+        cursor.execute("ROLLBACK")
+
+
 def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str]]:
     """
     Write C{batch} in one transaction, in queue order, in the writer thread.
@@ -1008,10 +1018,10 @@ def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str
         cursor.execute("COMMIT")
         return []
     except sqlite3.OperationalError:
-        cursor.execute("ROLLBACK")
+        _rollback(cursor)
         raise
     except Exception:
-        cursor.execute("ROLLBACK")
+        _rollback(cursor)
 
     skipped: list[tuple[_Op, str]] = []
     cursor.execute("BEGIN IMMEDIATE")
@@ -1028,7 +1038,7 @@ def _writeBatch(cursor: sqlite3.Cursor, batch: list[_Op]) -> list[tuple[_Op, str
             cursor.execute("RELEASE record")
         cursor.execute("COMMIT")
     except BaseException:
-        cursor.execute("ROLLBACK")
+        _rollback(cursor)
         raise
     return skipped
 

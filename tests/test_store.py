@@ -485,3 +485,19 @@ def test_killed_without_exit_orphaned(databasePath: str) -> None:
         "reason": "daemon restarted while the session was being killed, before the harness exited"
     }
     assert last["killed"][0] == "exit"
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_disk_error_reported(databasePath: str) -> None:
+    store = await fullStore(databasePath)
+    try:
+        store.appendOutput("s", "x" * 100_000, None, 100_000)
+        await pollUntil(lambda: store.writeFailures > 0)
+        error = store._lastWriteError
+    finally:
+        await limitPages(store, None)
+        await store.stopService()
+
+    # Not "cannot rollback - no transaction is active", which a ROLLBACK after
+    # SQLite ended the transaction itself raised in its place.
+    assert error == "database or disk is full"
