@@ -6,6 +6,7 @@ import ctypes
 import fcntl
 import json
 import os
+import signal
 import sqlite3
 import sys
 from typing import Any
@@ -345,7 +346,25 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
             " `coven doctor` checks it, or use another --home\n"
         )
         raise SystemExit(1) from None
+    stopOnHangUp(reactor)
     return service
+
+
+def stopOnHangUp(reactor: Any) -> None:
+    """
+    Stop the daemon cleanly on SIGHUP, as on SIGTERM, where SIGHUP would
+    otherwise end the process at once. A terminal that closes sends it to a
+    `twistd -n coven` running in it, which then left its sessions orphaned.
+    A SIGHUP that is ignored, as under nohup, stays ignored.
+    """
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_DFL:
+        return
+
+    def hangUp(number: int, frame: Any) -> None:
+        log.info("Received SIGHUP, as when the daemon's terminal closes; stopping")
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGHUP, hangUp)
 
 
 __all__ = ["CovenService", "StoreSchemaError", "defaultHome", "makeService"]

@@ -136,6 +136,33 @@ def test_foreground_serves_and_stops_cleanly(foreground):
     assert not os.path.exists(socketPath)
 
 
+def test_hangup_stops_cleanly(foreground):
+    process, home, socketPath, project = foreground
+    session = launch(socketPath, project, "ignore-term")
+    waitUntil(lambda: "ready" in outputSoFar(socketPath, session["id"]))
+    harnessPids = sessionProcesses(session["id"])
+
+    # What a closing terminal sends to the `twistd -n coven` running in it.
+    process.send_signal(signal.SIGHUP)
+    process.wait(timeout=20)
+    output = process.stdout.read()
+    database = sqlite3.connect(os.path.join(home, "coven.sqlite3"))
+    try:
+        (status,) = database.execute("SELECT status FROM sessions WHERE id = ?", (session["id"],)).fetchone()
+        (lastKind,) = database.execute(
+            "SELECT kind FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT 1", (session["id"],)
+        ).fetchone()
+    finally:
+        database.close()
+
+    assert process.returncode == 0, output
+    assert b"Received SIGHUP" in output
+    assert (status, lastKind) == ("killed", "exit")
+    assert [pid for pid in harnessPids if processExists(pid)] == []
+    assert not os.path.exists(os.path.join(home, "daemon.json"))
+    assert not os.path.exists(socketPath)
+
+
 def test_second_daemon_refused(foreground, home):
     process, covenHome, socketPath, project = foreground
 
