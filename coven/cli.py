@@ -43,7 +43,7 @@ from coven.client import (
 from coven.harnesses import HarnessRegistry
 from coven.records import Event, SessionRecord
 from coven.settings import SETTINGS_FILE, loadSettings
-from coven.store import SCHEMA_VERSION, connectReadOnly, schemaProblem
+from coven.store import SCHEMA_VERSION, connectReadOnly, databaseProblem
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
@@ -1001,13 +1001,12 @@ def checkDatabase(report: _Report, path: str) -> None:
         connection = connectReadOnly(path)
         try:
             (result,) = connection.execute("PRAGMA integrity_check").fetchone()
-            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            version, problem = databaseProblem(connection, path)
         finally:
             connection.close()
     except sqlite3.Error as error:
         report.fail(f"database {path} cannot be read: {error}")
         return
-    problem = schemaProblem(version, path)
     if result != "ok":
         report.fail(f"database {path}: integrity check failed: {result}")
     elif problem is not None:

@@ -221,7 +221,8 @@ class HarnessRegistry:
     def _stamp(self) -> tuple[int, int] | None:
         try:
             stat = os.stat(self.configPath)
-        except FileNotFoundError:
+        # A home that is not a folder has no harness file either.
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return (stat.st_mtime_ns, stat.st_size)
 

@@ -340,6 +340,10 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
     except (HomeInUse, StoreSchemaError) as error:
         sys.stderr.write(f"coven: {error}\n")
         raise SystemExit(1) from None
+    except OSError as error:
+        # Such as a home on a read-only file system, or under a file.
+        sys.stderr.write(f"coven: cannot use the home folder {home}: {error}\n")
+        raise SystemExit(1) from None
     except sqlite3.Error as error:
         sys.stderr.write(
             f"coven: database {service.store.path} cannot be read: {error};"

@@ -224,6 +224,24 @@ def schemaProblem(version: int, path: str) -> str | None:
     return None
 
 
+def databaseProblem(connection: sqlite3.Connection, path: str) -> tuple[int, str | None]:
+    """
+    Return the schema version of the database open on C{connection}, and why
+    this daemon cannot use it or C{None}. A file with tables but schema
+    version 0 belongs to another program: Coven sets the version in the
+    transaction that creates its tables.
+    """
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version == 0:
+        (entries,) = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if entries:
+            return version, (
+                f"database {path} is not a Coven database: it has {entries} tables or indexes"
+                " but no Coven schema version; move it away or use another --home"
+            )
+    return version, schemaProblem(version, path)
+
+
 def connectReadOnly(path: str) -> sqlite3.Connection:
     """
     Open the database at C{path} for reading only, without creating it.
@@ -236,16 +254,16 @@ def checkDatabaseSchema(path: str) -> None:
     Check, without changing anything, that this daemon can use the database at
     C{path}, if there is one.
 
-    @raise StoreSchemaError: the file has a newer schema than this daemon supports.
+    @raise StoreSchemaError: the file has a newer schema than this daemon
+        supports, or belongs to another program.
     """
     if not os.path.exists(path):
         return
     connection = connectReadOnly(path)
     try:
-        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        _, problem = databaseProblem(connection, path)
     finally:
         connection.close()
-    problem = schemaProblem(version, path)
     if problem is not None:
         raise StoreSchemaError(problem)
 
@@ -264,10 +282,15 @@ def openDatabase(path: str) -> list[str]:
     """
     if not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    os.chmod(path, 0o600)
 
     connection = sqlite3.connect(path, isolation_level=None)
     try:
+        # Another program's file is left as it is: checked before its mode,
+        # page size or journal mode change.
+        _, problem = databaseProblem(connection, path)
+        if problem is not None:
+            raise StoreSchemaError(problem)
+        os.chmod(path, 0o600)
         # Only a database without pages yet takes a new page size.
         connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         _configureConnection(connection)
@@ -287,8 +310,7 @@ def prepareDatabase(connection: sqlite3.Connection, name: str) -> list[str]:
 
 
 def _migrate(connection: sqlite3.Connection, path: str) -> None:
-    (version,) = connection.execute("PRAGMA user_version").fetchone()
-    problem = schemaProblem(version, path)
+    version, problem = databaseProblem(connection, path)
     if problem is not None:
         raise StoreSchemaError(problem)
     if 0 < version < SCHEMA_VERSION:

@@ -121,9 +121,12 @@ async def test_unstorable_record_dropped_alone(databasePath: str) -> None:
 
 def test_new_database_page_size(databasePath: str, tmp_path: pathlib.Path) -> None:
     openDatabase(databasePath)
+    # A database of schema version 1, made with SQLite's default page size.
     older = str(tmp_path / "older.sqlite3")
     with sqlite3.connect(older) as connection:
-        connection.execute("CREATE TABLE t (x)")
+        for statement in storeModule.MIGRATIONS[0]:
+            connection.execute(statement)
+        connection.execute("PRAGMA user_version = 1")
     openDatabase(older)
 
     with sqlite3.connect(databasePath) as connection:
@@ -133,6 +136,26 @@ def test_new_database_page_size(databasePath: str, tmp_path: pathlib.Path) -> No
         version = connection.execute("PRAGMA user_version").fetchone()[0]
     # A database that already has pages keeps its page size and still opens.
     assert (newSize, olderSize, version) == (PAGE_SIZE, 4096, SCHEMA_VERSION)
+
+
+def test_foreign_database_rejected(databasePath: str) -> None:
+    with sqlite3.connect(databasePath) as connection:
+        connection.execute("CREATE TABLE sessions (name TEXT)")
+        connection.execute("INSERT INTO sessions VALUES ('theirs')")
+
+    with pytest.raises(StoreSchemaError) as raised:
+        openDatabase(databasePath)
+    with sqlite3.connect(databasePath) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+    assert str(raised.value) == (
+        f"database {databasePath} is not a Coven database: it has 1 tables or indexes but no"
+        " Coven schema version; move it away or use another --home"
+    )
+    # The other program's file is left as it was.
+    assert tables == ["sessions"]
+    assert mode == "delete"
 
 
 # Output texts with everything JSON escapes: quotes, backslashes, every control

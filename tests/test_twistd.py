@@ -382,6 +382,20 @@ def test_long_home_rejected_before_start(home):
     assert not os.path.exists(covenHome)
 
 
+def test_unusable_home_rejected_in_one_line(home):
+    blocker = os.path.join(home, "file")
+    with open(blocker, "w"):
+        pass
+    covenHome = os.path.join(blocker, "coven")
+
+    result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", covenHome, timeout=30)
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"coven: cannot use the home folder {covenHome}: [Errno 20] Not a directory: '{covenHome}'\n"
+    )
+
+
 def test_empty_home_rejected(home):
     result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", "", timeout=30)
 
