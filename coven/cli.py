@@ -799,6 +799,12 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
 
     home = client.home
     os.makedirs(home, mode=0o700, exist_ok=True)
+    pidfile = pidfilePath(home)
+    stalePid = readPid(pidfile)
+    if stalePid is not None and not isCovenDaemon(stalePid):
+        # A daemon that crashed left it, and after a reboot its pid may belong
+        # to another process, which twistd would take for a running daemon.
+        os.unlink(pidfile)
     logPath = os.path.join(home, "coven.log")
     startedAt = time.time()
     with tempfile.TemporaryFile() as output:

@@ -837,6 +837,25 @@ def readPidfile(pidfile: str) -> int:
         return int(file.read())
 
 
+def test_daemon_start_replaces_stale_pidfile(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    os.makedirs(home, mode=0o700)
+    pidfile = os.path.join(home, "coven.pid")
+    # As after a crash and a reboot: the pid now belongs to another process.
+    with open(pidfile, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    try:
+        started = coven(home, "daemon", "start")
+        pid = readPidfile(pidfile)
+    finally:
+        stopped = coven(home, "daemon", "stop")
+
+    assert started.returncode == 0, started.stderr
+    assert pid != os.getpid()
+    assert f"Coven daemon started (pid {pid})" in started.stdout
+    assert stopped.returncode == 0, stopped.stderr
+
+
 def test_daemon_start_status_stop_twice(emptyHome):
     home = os.path.join(emptyHome, "h")
     pidfile = os.path.join(home, "coven.pid")
