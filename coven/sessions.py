@@ -474,7 +474,18 @@ class SessionManager(Service):
             onExited=lambda reason: self._processExited(live, reason),
             onEnded=lambda: self._processEnded(live),
         )
-        await inserted
+        try:
+            await inserted
+        except RuntimeUnavailable:
+            # The row stays queued and is written once the store can write, but
+            # the client hears of a failure, so no harness may go on running
+            # that a retry of the launch would start a second time.
+            self._kill(live, "the session store could not record the launch").addErrback(lambda _: None)
+            raise RuntimeUnavailable(
+                f"The session store could not record session {sessionId} (is the disk full?),"
+                " so its harness was killed; launch again once the store can write.",
+                sessionId=sessionId,
+            ) from None
         return record
 
     async def _recordSpawnFailure(self, record: SessionRecord, reason: str) -> None:
@@ -665,7 +676,15 @@ class SessionManager(Service):
         its process group; SIGKILL follows after L{killGrace} seconds.
         """
         live = await self._lookup(sessionId, killing=True)
-        await self._kill(live, reason)
+        try:
+            await self._kill(live, reason)
+        except RuntimeUnavailable:
+            # The signal is sent, and the kill event stays queued until the
+            # store can write it, so the kill itself did not fail.
+            log.warn(
+                "Killed session {sessionId}, whose kill event waits for the store to write again",
+                sessionId=sessionId,
+            )
 
     def waitForEnd(self, sessionId: str) -> defer.Deferred[None] | None:
         """

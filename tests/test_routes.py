@@ -566,6 +566,55 @@ def test_spawn_oserror(memory: MemoryDaemon) -> None:
     assert memory.sessions.liveCount == 0
 
 
+def failNextWrites(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """
+    Make the store's next C{count} write transactions fail, as on a full disk.
+    """
+    write = storeModule._writeBatch
+    failures = [count]
+
+    def failing(cursor: sqlite3.Cursor, batch: Any) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return write(cursor, batch)
+
+    monkeypatch.setattr(storeModule, "_writeBatch", failing)
+
+
+def test_unrecorded_launch_kills_harness(memory: MemoryDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    failNextWrites(monkeypatch, 1)
+    error = checkError(memory.post("/api/v1/sessions", launchRequest(memory)), 503, "runtime_unavailable")
+    sessionId = error["details"]["sessionId"]
+    [process] = memory.clock.spawned
+
+    # A client that retries must not get a second harness beside this one.
+    assert memory.signals.calls == [(process.transport.pid, sessionId, signal.SIGTERM)]
+    assert error["message"] == (
+        f"The session store could not record session {sessionId} (is the disk full?), so its"
+        " harness was killed; launch again once the store can write."
+    )
+    # The record is written once the store can write again.
+    process.end(exitReason(signal=signal.SIGTERM))
+    memory.clock.advance(storeModule.RETRY_DELAY)
+    events = memory.events(sessionId)
+    assert kinds(events) == ["kill", "exit"]
+    assert payload(events[0])["reason"] == "the session store could not record the launch"
+    assert memory.get(f"/api/v1/sessions/{sessionId}").body["status"] == "killed"
+
+
+def test_unrecorded_kill_still_accepted(memory: MemoryDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    record, process = memory.launch()
+    failNextWrites(monkeypatch, 1)
+    response = memory.post(f"/api/v1/sessions/{record['id']}/kill")
+
+    # The signal went out, so the kill is not reported as failed.
+    assert response.status == 202, response.body
+    assert memory.signals.calls == [(process.transport.pid, record["id"], signal.SIGTERM)]
+    memory.clock.advance(storeModule.RETRY_DELAY)
+    assert kinds(memory.events(record["id"])) == ["kill"]
+
+
 def test_launch_after_stop(memory: MemoryDaemon) -> None:
     stopped = memory.sessions.stopService()
     assert stopped.called
