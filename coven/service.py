@@ -27,6 +27,10 @@ from coven.web import CovenSite
 
 log = Logger()
 
+# Seconds a stop waits for the requests that the stop itself answers, and then
+# for their responses to be sent.
+REQUESTS_STOP_TIMEOUT = 2.0
+
 
 class HomeInUse(Exception):
     """
@@ -181,13 +185,23 @@ class CovenService(MultiService):
             self._reactor.callWhenRunning(self._reactor.stop)
 
     async def _stop(self) -> None:
+        if os.path.exists(self.daemonFile):
+            os.unlink(self.daemonFile)
+        # The socket stays open while the sessions are killed, so that a client
+        # following one, such as `coven attach`, can still read its exit. New
+        # launches are refused from now on.
+        await self.sessions.stopService()
         if self._port is not None:
             await self._port.stopListening()
             self._port = None
-        if os.path.exists(self.daemonFile):
-            os.unlink(self.daemonFile)
-        await self.sessions.stopService()
+        # Long polls return what the stop recorded, such as the kill and
+        # the exit of each session, while the store can still read.
+        self.store.wakeWaiters()
+        await _bounded(self._reactor, self.site.whenIdle(), REQUESTS_STOP_TIMEOUT)
         await self.store.stopService()
+        # What was written to a connection is sent before the reactor stops,
+        # which would drop it.
+        await _bounded(self._reactor, self.site.closeConnections(), REQUESTS_STOP_TIMEOUT)
         if self._lockFile is not None:
             os.close(self._lockFile)
             self._lockFile = None
@@ -198,6 +212,19 @@ class CovenService(MultiService):
         # MultiService does, because session exits must reach the store first.
         self.running = False
         return defer.Deferred.fromCoroutine(self._stop())
+
+
+async def _bounded(reactor: Any, waiting: defer.Deferred[None], seconds: float) -> None:
+    """
+    Wait for C{waiting}, at most C{seconds}.
+    """
+    timer = reactor.callLater(seconds, waiting.cancel)
+    try:
+        await waiting
+    except defer.CancelledError:
+        return
+    if timer.active():
+        timer.cancel()
 
 
 def _keepInheritedSocket(port: unix.Port) -> None:

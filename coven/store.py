@@ -979,6 +979,12 @@ class Store(Service):
         self._eventWaiters.setdefault(sessionId, []).append(waiter)
         return waiter
 
+    def wakeWaiters(self) -> None:
+        """
+        Wake every long poll now, so that each reads what is committed.
+        """
+        self._wakeAllWaiters()
+
     def _wakeAllWaiters(self) -> None:
         waiters, self._eventWaiters = self._eventWaiters, {}
         for sessionWaiters in waiters.values():

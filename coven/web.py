@@ -8,6 +8,7 @@ import socket
 import struct
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -60,6 +61,9 @@ class CovenRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
             return
+        site = self.channel.site
+        site.requestStarted(self)
+        self.notifyFinish().addBoth(lambda _: site.requestEnded(self))
         super().requestReceived(command, path, version)
 
     def _rejectBody(self) -> None:
@@ -90,7 +94,18 @@ class CovenChannel(HTTPChannel):
             )
             self.transport.abortConnection()
             return
+        self.site.channels.add(self)
         super().connectionMade()
+
+    # Fired by connectionLost; set by CovenSite.closeConnections.
+    notifyClosed: defer.Deferred[None] | None = None
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+        if self.notifyClosed is not None:
+            closed, self.notifyClosed = self.notifyClosed, None
+            closed.callback(None)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # A request line or header line over MAX_LENGTH (16 KiB); LineReceiver
@@ -142,6 +157,47 @@ class CovenSite(Site):
         # multipart body with a generic 400 before the Content-Type check runs.
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kwargs)
+        self.channels: set[CovenChannel] = set()
+        self.activeRequests: set[Request] = set()
+        self._idleWaiters: list[defer.Deferred[None]] = []
 
     def log(self, request: Request) -> None:
         pass
+
+    def requestStarted(self, request: Request) -> None:
+        self.activeRequests.add(request)
+
+    def requestEnded(self, request: Request) -> None:
+        self.activeRequests.discard(request)
+        if not self.activeRequests:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def whenIdle(self) -> defer.Deferred[None]:
+        """
+        Return a Deferred that fires once no request is being handled.
+        Cancelling it stops only the wait.
+        """
+        if not self.activeRequests:
+            return defer.succeed(None)
+
+        def forget(waiter: defer.Deferred[None]) -> None:
+            self._idleWaiters.remove(waiter)
+
+        waiter: defer.Deferred[None] = defer.Deferred(forget)
+        self._idleWaiters.append(waiter)
+        return waiter
+
+    def closeConnections(self) -> defer.Deferred[None]:
+        """
+        Close every open connection once what was written to it is sent, and
+        return a Deferred that fires when all are closed.
+        """
+        closed = []
+        for channel in list(self.channels):
+            lost: defer.Deferred[None] = defer.Deferred()
+            channel.notifyClosed = lost
+            closed.append(lost)
+            channel.loseConnection()
+        return defer.DeferredList(closed).addCallback(lambda _: None)

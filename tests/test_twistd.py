@@ -14,6 +14,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -134,6 +135,43 @@ def test_foreground_serves_and_stops_cleanly(foreground):
     assert [pid for pid in harnessPids if processExists(pid)] == []
     assert not os.path.exists(os.path.join(home, "daemon.json"))
     assert not os.path.exists(socketPath)
+
+
+def test_followers_see_exit_at_stop(foreground):
+    process, home, socketPath, project = foreground
+    session = launch(socketPath, project, "ignore-term")
+    waitUntil(lambda: "ready" in outputSoFar(socketPath, session["id"]))
+    _, page = requestBlocking(socketPath, "GET", f"/api/v1/events?sessionId={session['id']}")
+    followed: list[str] = []
+    failures: list[BaseException] = []
+
+    # What `coven attach` does: long polls from the last event on, until the exit.
+    def follow() -> None:
+        cursor = page["events"][-1]["seq"]
+        try:
+            while "exit" not in followed:
+                status, body = requestBlocking(
+                    socketPath,
+                    "GET",
+                    f"/api/v1/events?sessionId={session['id']}&afterSeq={cursor}&waitMs=20000",
+                    timeout=30,
+                )
+                assert status == 200, body
+                followed.extend(event["kind"] for event in body["events"])
+                cursor = body["nextCursor"]["afterSeq"] if body["nextCursor"] else cursor
+        except BaseException as error:
+            failures.append(error)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=20)
+    follower.join(timeout=30)
+
+    # The harness ignores SIGTERM, so its exit comes a grace period after the
+    # kill, and the follower asks for it again in between.
+    assert failures == []
+    assert followed == ["kill", "exit"]
 
 
 def test_hangup_stops_cleanly(foreground):
