@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import ProcessTerminated
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -835,16 +835,38 @@ class SessionManager(Service):
         """
         super().stopService()
         self._stopping = True
+        lives = list(self._live.values())
         waits = []
-        for live in list(self._live.values()):
+        for live in lives:
             if live.exitReason is None and not live.killed:
                 self._kill(live, "daemon stopping").addErrback(lambda _: None)
             waits.append(live.ended)
 
+        def finishKills(_: object) -> defer.Deferred[object]:
+            return defer.DeferredList([self._finishKill(live) for live in lives])
+
         def stopReader(_: object) -> None:
             self._ptyReader.stop()
 
-        return defer.DeferredList(waits).addCallback(stopReader)
+        return defer.DeferredList(waits).addCallback(finishKills).addCallback(stopReader)
+
+    def _finishKill(self, live: LiveSession) -> defer.Deferred[None]:
+        """
+        Send the SIGKILL that ends C{live}'s grace period when it is due, if
+        any of its processes is still there, and return when it is sent.
+
+        A session ends once its harness exits, which can be before processes
+        it left behind that ignore SIGTERM get their SIGKILL. A stop waits for
+        it, so that none of them outlives the daemon.
+        """
+        call, live.forceKillCall = live.forceKillCall, None
+        if call is None or not call.active():
+            return defer.succeed(None)
+        delay = max(0.0, call.getTime() - self._reactor.seconds())
+        call.cancel()
+        if not self._signal(live.pid, live.record.id, 0, live.startTicks):
+            return defer.succeed(None)
+        return task.deferLater(self._reactor, delay, self._forceKill, live)
 
 
 def exitStatus(reason: Failure) -> tuple[int | None, int | None]:

@@ -640,6 +640,26 @@ def test_stop_kills_live_sessions(memory: MemoryDaemon) -> None:
     assert payload(events[1])["status"] == "killed"
 
 
+def test_stop_waits_for_leftovers_sigkill(memory: MemoryDaemon) -> None:
+    record, process = memory.launch()
+    stopped: list[object] = []
+    memory.sessions.stopService().addBoth(stopped.append)
+    memory.clock.advance(0)
+    # The harness exits at SIGTERM, but a process it started ignores it.
+    memory.signals.reached = True
+    process.end(exitReason(signal=signal.SIGTERM))
+    memory.clock.advance(0)
+    waited = stopped == []
+    memory.clock.advance(memory.sessions.killGrace)
+
+    term, check, kill = (
+        (process.transport.pid, record["id"], number) for number in (signal.SIGTERM, 0, signal.SIGKILL)
+    )
+    assert waited
+    assert stopped == [None]
+    assert memory.signals.calls == [term, check, kill]
+
+
 # internal_error
 
 
