@@ -214,10 +214,10 @@ def test_usage_errors_exit_code_2(emptyHome):
         result = coven(emptyHome, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "usage: coven" in result.stderr
+    # The last of them: a negative --after is the command line's error, not the API's.
+    assert result.stderr.endswith("coven events: error: argument --after: must be 0 or more, got -1\n")
     version = coven(emptyHome, "--version")
     assert (version.returncode, version.stdout) == (0, f"coven {__version__}\n")
-    negative = coven(emptyHome, "events", "abc", "--after", "-1")
-    assert negative.stderr.endswith("coven events: error: argument --after: must be 0 or more, got -1\n")
 
     noJSON = coven(emptyHome, "run", "fake", "hi", "--json")
     assert noJSON.returncode == 2
@@ -308,6 +308,30 @@ def test_control_characters_in_errors_escaped(cliDaemon):
     assert result.returncode == 1
     assert "missing\\x1b[7m" in result.stderr
     assert "\x1b" not in result.stderr
+
+
+def test_command_runs_without_tls(cliDaemon):
+    # The console script's own code, with a check of what it loaded at exit.
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('TLS loaded:', sys.modules.get('OpenSSL') is not None))\n"
+        "sys.argv = ['coven', 'sessions', '--json']\n"
+        "from coven.command import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=covenEnvironment(cliDaemon.home),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    sessions, loaded = result.stdout.splitlines()
+    assert isinstance(json.loads(sessions), list)
+    assert loaded == "TLS loaded: False"
 
 
 def test_sessions_table_and_all(cliDaemon):
