@@ -22,7 +22,7 @@ from coven.home import defaultHome, socketPathProblem
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
 from coven.settings import SETTINGS_FILE, loadSettings
-from coven.store import Store, StoreSchemaError, checkDatabaseSchema
+from coven.store import Store, StoreSchemaError, checkDatabaseSchema, waitAtMost
 from coven.web import CovenSite
 
 log = Logger()
@@ -197,11 +197,11 @@ class CovenService(MultiService):
         # Long polls return what the stop recorded, such as the kill and
         # the exit of each session, while the store can still read.
         self.store.wakeWaiters()
-        await _bounded(self._reactor, self.site.whenIdle(), REQUESTS_STOP_TIMEOUT)
+        await waitAtMost(self._reactor, self.site.whenIdle(), REQUESTS_STOP_TIMEOUT)
         await self.store.stopService()
         # What was written to a connection is sent before the reactor stops,
         # which would drop it.
-        await _bounded(self._reactor, self.site.closeConnections(), REQUESTS_STOP_TIMEOUT)
+        await waitAtMost(self._reactor, self.site.closeConnections(), REQUESTS_STOP_TIMEOUT)
         if self._lockFile is not None:
             os.close(self._lockFile)
             self._lockFile = None
@@ -212,19 +212,6 @@ class CovenService(MultiService):
         # MultiService does, because session exits must reach the store first.
         self.running = False
         return defer.Deferred.fromCoroutine(self._stop())
-
-
-async def _bounded(reactor: Any, waiting: defer.Deferred[None], seconds: float) -> None:
-    """
-    Wait for C{waiting}, at most C{seconds}.
-    """
-    timer = reactor.callLater(seconds, waiting.cancel)
-    try:
-        await waiting
-    except defer.CancelledError:
-        return
-    if timer.active():
-        timer.cancel()
 
 
 def _keepInheritedSocket(port: unix.Port) -> None:

@@ -133,6 +133,22 @@ MAX_RETRY_DELAY = 2.0
 STOP_FLUSH_TIMEOUT = 20.0
 
 
+async def waitAtMost(reactor: Any, waiting: defer.Deferred[Any], seconds: float) -> bool:
+    """
+    Wait for C{waiting}, cancelling it after C{seconds}.
+
+    @return: whether it fired in time.
+    """
+    timer = reactor.callLater(seconds, waiting.cancel)
+    try:
+        await waiting
+    except defer.CancelledError:
+        return False
+    if timer.active():
+        timer.cancel()
+    return True
+
+
 class StoreSchemaError(Exception):
     """
     The database file was written by a newer Coven or is not a Coven database.
@@ -487,17 +503,11 @@ class Store(Service):
         for call in (self._idleCall, self._checkpointCall):
             if call is not None and call.active():
                 call.cancel()
-        flushed = self.flush()
-        timer = self._reactor.callLater(self.stopFlushTimeout, flushed.cancel)
-        try:
-            await flushed
-        except defer.CancelledError:
+        if not await waitAtMost(self._reactor, self.flush(), self.stopFlushTimeout):
             self._reportUnstored()
             if self._flushCall is not None and self._flushCall.active():
                 self._flushCall.cancel()
-        else:
-            timer.cancel()
-        self._wakeAllWaiters()
+        self.wakeWaiters()
         for pool in (self._writer, self._reader, self._checkpointer):
             if pool is not None:
                 pool.close()
@@ -983,9 +993,6 @@ class Store(Service):
         """
         Wake every long poll now, so that each reads what is committed.
         """
-        self._wakeAllWaiters()
-
-    def _wakeAllWaiters(self) -> None:
         waiters, self._eventWaiters = self._eventWaiters, {}
         for sessionWaiters in waiters.values():
             for waiter in sessionWaiters:
