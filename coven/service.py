@@ -27,8 +27,8 @@ from coven.web import CovenSite
 
 log = Logger()
 
-# Seconds a stop waits for the requests that the stop itself answers, and then
-# for their responses to be sent.
+# Seconds a stop waits for the requests that the stop itself wakes to finish,
+# and then for their responses to be sent.
 REQUESTS_STOP_TIMEOUT = 2.0
 
 

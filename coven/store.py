@@ -133,6 +133,20 @@ MAX_RETRY_DELAY = 2.0
 STOP_FLUSH_TIMEOUT = 20.0
 
 
+def addWaiter(waiters: list[defer.Deferred[None]]) -> defer.Deferred[None]:
+    """
+    Append a new Deferred to C{waiters} and return it. Cancelling it removes
+    it from the list, so it stops only that wait.
+    """
+
+    def forget(waiter: defer.Deferred[None]) -> None:
+        waiters.remove(waiter)
+
+    waiter: defer.Deferred[None] = defer.Deferred(forget)
+    waiters.append(waiter)
+    return waiter
+
+
 async def waitAtMost(reactor: Any, waiting: defer.Deferred[Any], seconds: float) -> bool:
     """
     Wait for C{waiting}, cancelling it after C{seconds}.
@@ -354,10 +368,10 @@ def _markOrphans(connection: sqlite3.Connection) -> list[str]:
     now = utcnow()
     connection.execute("BEGIN IMMEDIATE")
     try:
-        # A session killed by request is "killed" from the request on, but has
-        # ended only once its exit event is stored; one whose daemon died
-        # within the kill's grace period has none. Its last event is found
-        # through the (session_id, seq) index.
+        # A session killed by request has status "killed" from the request on,
+        # but it has ended only once its exit event is stored. A daemon that
+        # died within the kill's grace period stored none, so such a session's
+        # last event, found through the (session_id, seq) index, is another.
         rows = connection.execute(
             "SELECT id, status FROM sessions WHERE status = 'running' OR (status = 'killed'"
             " AND (SELECT kind FROM events WHERE events.session_id = sessions.id"
@@ -814,13 +828,7 @@ class Store(Service):
         """
         if not self._queue and not self._inFlight:
             return defer.succeed(None)
-
-        def forget(waiter: defer.Deferred[None]) -> None:
-            self._idleWaiters.remove(waiter)
-
-        waiter: defer.Deferred[None] = defer.Deferred(forget)
-        self._idleWaiters.append(waiter)
-        return waiter
+        return addWaiter(self._idleWaiters)
 
     def _reportUnstored(self) -> None:
         """

@@ -16,6 +16,7 @@ from twisted.web.server import Request, Site
 
 from coven.api import MAX_BODY_BYTES, jsonBytes
 from coven.errors import CovenError, InvalidRequest
+from coven.store import addWaiter
 
 log = Logger()
 
@@ -181,13 +182,7 @@ class CovenSite(Site):
         """
         if not self.activeRequests:
             return defer.succeed(None)
-
-        def forget(waiter: defer.Deferred[None]) -> None:
-            self._idleWaiters.remove(waiter)
-
-        waiter: defer.Deferred[None] = defer.Deferred(forget)
-        self._idleWaiters.append(waiter)
-        return waiter
+        return addWaiter(self._idleWaiters)
 
     def closeConnections(self) -> defer.Deferred[None]:
         """

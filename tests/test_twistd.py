@@ -170,7 +170,7 @@ def test_followers_see_exit_at_stop(foreground):
     follower.join(timeout=30)
 
     # The harness ignores SIGTERM, so its exit comes a grace period after the
-    # kill, and the follower asks for it again in between.
+    # kill, and the follower sends another long poll in between.
     assert failures == []
     assert followed == ["kill", "exit"]
 
