@@ -10,12 +10,12 @@ last ran on (field 39 of their stat files). The PTY reader is the thread
 other than the main one that waits in epoll while the daemon is idle.
 
 A gap between two samples counts as "together" when the harness and the
-reader were on the same CPU at both samples, and as "apart" when they were on
-different CPUs at both; other gaps are left out. For each kind the script
-prints the MB the reader read, the seconds, the MB/s, and how often the
-reactor and the writer were on the harness's CPU. The sampling thread uses
-some CPU of its own, so bursts run a little slower than in run.py.
-MB means 2**20 bytes.
+reader were on the same CPU at both samples. It counts as "apart" when they
+were on different CPUs at both, and other gaps are left out. For each kind
+the script prints the MB the reader read, the seconds, the MB/s, and how
+often the reactor and the writer were on the harness's CPU. The sampling
+thread uses some CPU of its own, so bursts run a little slower than in
+run.py. MB means 2**20 bytes.
 """
 
 from __future__ import annotations
