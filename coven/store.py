@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sqlite3
@@ -175,6 +176,38 @@ def _configureConnection(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA synchronous = NORMAL")
     connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+
+
+class _ConnectionPool(adbapi.ConnectionPool):
+    """
+    An adbapi pool that closes a failed interaction's cursor in the pool's
+    thread.
+
+    adbapi closes the cursor only when an interaction succeeds. After a
+    failure the cursor stays open, held by the traceback the L{Failure}
+    carries to the reactor thread, and is freed there, often by the garbage
+    collector. Freeing a cursor whose statement is unfinished takes its
+    connection's lock. If that connection is busy waiting for another
+    process's write lock, as the writer is while an open C{sqlite3} shell
+    holds one, the reactor thread waits with it, up to the 5 s busy timeout,
+    and no request gets a response meanwhile.
+    """
+
+    def runInteraction(self, interaction: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
+        return super().runInteraction(_closeCursorOnError, interaction, *args, **kw)
+
+
+def _closeCursorOnError(
+    transaction: adbapi.Transaction, interaction: Callable[..., Any], *args: Any, **kw: Any
+) -> Any:
+    try:
+        return interaction(transaction, *args, **kw)
+    except BaseException:
+        # The interaction's own error is the one to report; a cursor that is
+        # already closed, or whose connection broke, needs no closing.
+        with contextlib.suppress(Exception):
+            transaction.close()
+        raise
 
 
 def _newEventId() -> str:
@@ -483,7 +516,7 @@ class Store(Service):
         return openDatabase(self.path)
 
     def _adbapiPool(self, connections: int) -> adbapi.ConnectionPool:
-        return adbapi.ConnectionPool(
+        return _ConnectionPool(
             "sqlite3",
             self.path,
             check_same_thread=False,

@@ -8,6 +8,7 @@ import pathlib
 import random
 import sqlite3
 import struct
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -464,6 +465,37 @@ async def test_stop_reports_records_never_stored(databasePath: str) -> None:
                         " writes kept failing for 0.5 s")
         for line in lines
     ), lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_interaction_cursor_closed(databasePath: str) -> None:
+    """
+    A failed interaction's cursor is closed in the pool's thread, before the
+    failure reaches the reactor thread. Left open, it would be freed in the
+    reactor thread with the failure's traceback, which takes the
+    connection's lock while its statement is unfinished: while the writer
+    waited for another process's write lock, the reactor thread waited too.
+    """
+    store = Store(databasePath, reactor)
+    store.open()
+    store.startService()
+    cursors: list[sqlite3.Cursor] = []
+
+    def fail(cursor: Any) -> None:
+        cursor.execute("BEGIN IMMEDIATE")
+        # Rows are left, so the statement is unfinished.
+        cursors.append(cursor.execute("SELECT 1 UNION ALL SELECT 2"))
+        cursors[0].fetchone()
+        raise RuntimeError("the interaction failed")
+
+    try:
+        assert store._writer is not None
+        with pytest.raises(RuntimeError, match="the interaction failed"):
+            await store._writer.runInteraction(fail)
+        with pytest.raises(sqlite3.ProgrammingError, match="closed cursor"):
+            cursors[0].fetchone()
+    finally:
+        await store.stopService()
 
 
 def test_killed_without_exit_orphaned(databasePath: str) -> None:
