@@ -22,7 +22,7 @@ from coven.home import defaultHome, socketPathProblem
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
 from coven.settings import SETTINGS_FILE, loadSettings
-from coven.store import Store, StoreSchemaError, checkDatabaseSchema, waitAtMost
+from coven.store import Store, StoreSchemaError, checkDatabaseSchema, isDamaged, waitAtMost
 from coven.web import CovenSite
 
 log = Logger()
@@ -359,8 +359,9 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
         sys.stderr.write(f"coven: cannot use the home folder {home}: {error}\n")
         raise SystemExit(1) from None
     except sqlite3.Error as error:
+        state = "is damaged" if isDamaged(error) else "cannot be read"
         sys.stderr.write(
-            f"coven: database {service.store.path} cannot be read: {error};"
+            f"coven: database {service.store.path} {state}: {error};"
             " `coven doctor` checks it, or use another --home\n"
         )
         raise SystemExit(1) from None

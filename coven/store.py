@@ -20,6 +20,7 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coven.errors import InternalError, RuntimeUnavailable
 from coven.records import Event, EventPage, RenderedEventPage, SessionRecord, utcnow
@@ -210,6 +211,38 @@ def _closeCursorOnError(
         raise
 
 
+# SQLite's primary result codes for a damaged file and for a file that is not
+# a database.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
+def isDamaged(error: BaseException) -> bool:
+    """
+    Return whether C{error} is SQLite's report of a damaged database file.
+    """
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF in (
+        _SQLITE_CORRUPT,
+        _SQLITE_NOTADB,
+    )
+
+
+def _explainReadFailure(failure: Failure) -> Failure:
+    """
+    Turn a read that failed on damaged database pages into an error that
+    names the damage, instead of the API's bare internal error.
+    """
+    error = failure.value
+    if not isDamaged(error):
+        return failure
+    log.error("Reading the database failed: {error}. The file is damaged; `coven doctor` checks it.", error=error)
+    raise InternalError(
+        "The daemon's database file is damaged, so it could not be read; `coven doctor` checks the file.",
+        sqliteError=str(error),
+    )
+
+
 def _newEventId() -> str:
     return str(uuid.uuid4())
 
@@ -324,7 +357,11 @@ def checkDatabaseSchema(path: str) -> None:
         return
     connection = connectReadOnly(path)
     try:
-        _, problem = databaseProblem(connection, path)
+        version, problem = databaseProblem(connection, path)
+        if problem is None and version > 0:
+            # The start reads these pages too, once twistd may have detached
+            # and a damaged page could only be logged.
+            connection.execute(_ORPHAN_CANDIDATES).fetchall()
     finally:
         connection.close()
     if problem is not None:
@@ -397,19 +434,23 @@ def _migrate(connection: sqlite3.Connection, path: str) -> None:
             raise
 
 
+# The sessions an earlier daemon left running. A session killed by request has
+# status "killed" from the request on, but it has ended only once its exit
+# event is stored. A daemon that died within the kill's grace period stored
+# none, so such a session's last event, found through the (session_id, seq)
+# index, is another.
+_ORPHAN_CANDIDATES = (
+    "SELECT id, status FROM sessions WHERE status = 'running' OR (status = 'killed'"
+    " AND (SELECT kind FROM events WHERE events.session_id = sessions.id"
+    " ORDER BY seq DESC LIMIT 1) IS NOT 'exit') ORDER BY created_at"
+)
+
+
 def _markOrphans(connection: sqlite3.Connection) -> list[str]:
     now = utcnow()
     connection.execute("BEGIN IMMEDIATE")
     try:
-        # A session killed by request has status "killed" from the request on,
-        # but it has ended only once its exit event is stored. A daemon that
-        # died within the kill's grace period stored none, so such a session's
-        # last event, found through the (session_id, seq) index, is another.
-        rows = connection.execute(
-            "SELECT id, status FROM sessions WHERE status = 'running' OR (status = 'killed'"
-            " AND (SELECT kind FROM events WHERE events.session_id = sessions.id"
-            " ORDER BY seq DESC LIMIT 1) IS NOT 'exit') ORDER BY created_at"
-        ).fetchall()
+        rows = connection.execute(_ORPHAN_CANDIDATES).fetchall()
         reasons = {
             "running": "daemon restarted while the session was running",
             "killed": "daemon restarted while the session was being killed, before the harness exited",
@@ -894,7 +935,7 @@ class Store(Service):
     def _read(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         if self._reader is None:
             return defer.fail(RuntimeUnavailable("The session store is not open."))
-        return self._reader.runInteraction(function, *args)
+        return self._reader.runInteraction(function, *args).addErrback(_explainReadFailure)
 
     def getSession(self, sessionId: str) -> defer.Deferred[SessionRecord | None]:
         def query(cursor: sqlite3.Cursor) -> SessionRecord | None:

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import socket
+import sqlite3
 import sys
 import time
 from typing import Any, Awaitable, Callable
@@ -19,8 +20,26 @@ from twisted.web.client import Agent
 from zope.interface import implementer
 from twisted.web.iweb import IAgentEndpointFactory
 
+from coven.store import PAGE_SIZE
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 FAKE_HARNESS = os.path.join(TESTS, "fake_harness.py")
+
+
+def damageDatabase(path: str) -> None:
+    """
+    Overwrite every page of the database at C{path} but the first, which
+    has the header and the schema, as a disk that lost them would.
+    """
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (pages,) = connection.execute("PRAGMA page_count").fetchone()
+    finally:
+        connection.close()
+    with open(path, "r+b") as file:
+        file.seek(PAGE_SIZE)
+        file.write(b"\xa5" * PAGE_SIZE * (pages - 1))
 
 
 def harnessConfig() -> str:

@@ -17,9 +17,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from coven import store as storeModule
 from coven.api import jsonBytes
+from coven.errors import InternalError
 from coven.records import SessionRecord, utcnow
 from coven.store import PAGE_SIZE, SCHEMA_VERSION, Store, StoreSchemaError, openDatabase
-from tests.support import pollUntil
+from tests.support import damageDatabase, pollUntil
 
 
 def sessionRecord(sessionId: str) -> SessionRecord:
@@ -496,6 +497,33 @@ async def test_failed_interaction_cursor_closed(databasePath: str) -> None:
             cursors[0].fetchone()
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_damaged_database_read_explained(databasePath: str) -> None:
+    openDatabase(databasePath)
+    damageDatabase(databasePath)
+
+    store = Store(databasePath, reactor)
+    store.startService()
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        with pytest.raises(InternalError) as raised:
+            await store.listSessions()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        await store.stopService()
+
+    assert raised.value.message == (
+        "The daemon's database file is damaged, so it could not be read; `coven doctor` checks the file."
+    )
+    assert raised.value.details == {"sqliteError": "database disk image is malformed"}
+    lines = [formatEvent(event) for event in logged]
+    assert (
+        "Reading the database failed: database disk image is malformed. The file is damaged;"
+        " `coven doctor` checks it."
+    ) in lines
 
 
 def test_killed_without_exit_orphaned(databasePath: str) -> None:

@@ -19,9 +19,10 @@ import threading
 import pytest
 
 from coven.service import listenProblem
-from coven.store import SCHEMA_VERSION
+from coven.store import SCHEMA_VERSION, openDatabase
 
 from .support import (
+    damageDatabase,
     harnessConfig,
     processExists,
     requestBlocking,
@@ -231,6 +232,22 @@ def test_newer_database_refused_in_one_line(home):
     )
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+def test_damaged_database_refused_in_one_line(home):
+    covenHome = os.path.join(home, "coven")
+    os.makedirs(covenHome, mode=0o700)
+    path = os.path.join(covenHome, "coven.sqlite3")
+    openDatabase(path)
+    damageDatabase(path)
+
+    result = runTwistd(home, "-n", "--pidfile=", "coven", "--home", covenHome)
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"coven: database {path} is damaged: database disk image is malformed;"
+        " `coven doctor` checks it, or use another --home\n"
+    )
 
 
 def test_detached_with_pidfile(home):
