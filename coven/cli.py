@@ -41,6 +41,7 @@ from coven.client import (
     outputBytes,
 )
 from coven.harnesses import HarnessRegistry
+from coven.home import isCovenDaemon, processAlive
 from coven.records import Event, SessionRecord
 from coven.settings import SETTINGS_FILE, loadSettings
 from coven.store import SCHEMA_VERSION, connectReadOnly, databaseProblem
@@ -703,43 +704,6 @@ def readPid(path: str) -> int | None:
             return int(file.read().strip())
     except (OSError, ValueError):
         return None
-
-
-def processAlive(pid: int) -> bool:
-    """
-    Return whether C{pid} exists and has not exited; a zombie counts as exited.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            state = file.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def isCovenDaemon(pid: int) -> bool:
-    """
-    Return whether C{pid} runs the Coven twistd plugin, so that a pid reused
-    by another program after a crash is never signalled.
-    """
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            arguments = file.read().split(b"\0")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        # No /proc: trust the pidfile.
-        return processAlive(pid)
-    return b"coven" in arguments and processAlive(pid)
 
 
 def twistdCommand(home: str) -> list[str]:

@@ -20,7 +20,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from coven.records import Event, EventPage, SessionRecord
-from coven.home import defaultHome, socketPathProblem
+from coven.home import daemonSocketPath, defaultHome, socketPathProblem
 
 CONTRACT_VERSION = "coven.daemon.v1"
 API_PREFIX = "/api/v1"
@@ -356,7 +356,7 @@ class CovenClient:
 
             reactor = globalReactor
         self.home = os.path.abspath(os.path.expanduser(home or defaultHome()))
-        self.socketPath = os.path.join(self.home, "coven.sock")
+        self.socketPath = daemonSocketPath(self.home)
         self.timeout = timeout
         self.startCommand = startCommand
         self._reactor = reactor

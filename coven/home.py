@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -10,6 +11,64 @@ def defaultHome() -> str:
     Return C{$COVEN_HOME}, else C{~/.coven}.
     """
     return os.environ.get("COVEN_HOME") or os.path.join(os.path.expanduser("~"), ".coven")
+
+
+def daemonSocketPath(home: str) -> str:
+    """
+    Return the Unix socket of the daemon of C{home}: C{<home>/coven.sock},
+    or, when that is missing, the socket that C{<home>/daemon.json} names
+    for a daemon that runs, as one started with C{--listen unix:PATH}.
+    """
+    homeSocket = os.path.join(home, "coven.sock")
+    if os.path.lexists(homeSocket):
+        return homeSocket
+    try:
+        with open(os.path.join(home, "daemon.json")) as file:
+            info = json.load(file)
+        pid, path = info["pid"], info["socketPath"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return homeSocket
+    if not (isinstance(pid, int) and isinstance(path, str) and isCovenDaemon(pid)):
+        # A daemon that crashed leaves its daemon.json behind.
+        return homeSocket
+    return path
+
+
+def processAlive(pid: int) -> bool:
+    """
+    Return whether C{pid} exists and has not exited; a zombie counts as exited.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            state = file.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def isCovenDaemon(pid: int) -> bool:
+    """
+    Return whether C{pid} runs the Coven twistd plugin, so that a pid reused
+    by another program after a crash is never signalled or taken for a daemon.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            arguments = file.read().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        # No /proc: trust the pid, which comes from the pidfile or daemon.json.
+        return processAlive(pid)
+    return b"coven" in arguments and processAlive(pid)
 
 
 # The longest Unix socket path Linux accepts with its terminating NUL: the

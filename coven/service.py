@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp, unix
+from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -158,6 +159,12 @@ class CovenService(MultiService):
             _keepInheritedSocket(port)
         self.startedAt = utcnow()
         info = self.daemonInfo()
+        assert info is not None
+        # The `coven` command connects to this path when <home>/coven.sock is
+        # missing, as with --listen unix:PATH.
+        address = port.getHost()
+        if isinstance(address, UNIXAddress) and address.name:
+            info["socketPath"] = os.fsdecode(address.name)
         temporary = self.daemonFile + ".tmp"
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:

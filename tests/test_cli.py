@@ -117,13 +117,13 @@ def waitForExit(daemon: CLIDaemon, sessionId: str) -> None:
     waitUntil(lambda: any(event["kind"] == "exit" for event in events(daemon, sessionId)), timeout=15)
 
 
-def startForeground(home: str) -> subprocess.Popen[bytes]:
+def startForeground(home: str, *options: str) -> subprocess.Popen[bytes]:
     """
     Start `twistd -n coven` for C{home} and wait until it has written daemon.json,
     which it does once its socket listens.
     """
     process = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "coven", "--home", home, "--kill-grace", "1"],
+        [TWISTD, "-n", "--pidfile=", "coven", "--home", home, "--kill-grace", "1", *options],
         cwd=home,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -878,6 +878,26 @@ def test_daemon_start_replaces_stale_pidfile(emptyHome):
     assert pid != os.getpid()
     assert f"Coven daemon started (pid {pid})" in started.stdout
     assert stopped.returncode == 0, stopped.stderr
+
+
+def test_daemon_on_listen_socket_reached(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    os.makedirs(home, mode=0o700)
+    socketPath = os.path.join(emptyHome, "other.sock")
+    process = startForeground(home, "--listen", f"unix:{socketPath}:mode=600")
+    try:
+        status = coven(home, "daemon", "status")
+        sessions = coven(home, "sessions")
+        stopProcess(process)
+        notRunning = coven(home, "sessions")
+    finally:
+        stopProcess(process)
+
+    assert status.returncode == 0, status.stderr
+    assert f"Coven daemon is running at {socketPath}\n" in status.stdout
+    assert sessions.returncode == 0, sessions.stderr
+    assert notRunning.returncode == 3
+    assert f"Coven daemon is not running at {os.path.join(home, 'coven.sock')};" in notRunning.stderr
 
 
 def test_daemon_start_status_stop_twice(emptyHome):

@@ -113,7 +113,7 @@ def test_foreground_serves_and_stops_cleanly(foreground):
     assert health["apiVersion"] == "coven.daemon.v1"
     assert health["daemon"]["pid"] == process.pid
     assert health["daemon"]["socket"] == socketPath
-    assert readDaemonFile(home) == health["daemon"]
+    assert readDaemonFile(home) == {**health["daemon"], "socketPath": socketPath}
 
     assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(socketPath).st_mode) == 0o600
