@@ -24,6 +24,7 @@ from coven.errors import (
     SessionNotFound,
     UnsupportedAPIVersion,
 )
+from coven.harnesses import interpreterProblem
 from coven.sessions import MAX_TERMINAL_SIZE, LaunchRequest, SessionManager
 from coven.store import Store
 
@@ -411,18 +412,19 @@ class CovenAPI:
         path = self.sessions.harnessEnvironment("").get("PATH")
         for spec in self.sessions.harnesses.all():
             executable = spec.resolveExecutable(path)
+            reason = spec.missingReason() if executable is None else interpreterProblem(executable)
             entry = {
                 "id": f"harness.{spec.id}",
                 "label": spec.label,
                 "adapter": "pty",
-                "status": "available" if executable else "unavailable",
+                "status": "available" if reason is None else "unavailable",
                 "policy": "allow",
                 "actions": [],
                 "harness": spec.id,
                 "executable": executable,
             }
-            if executable is None:
-                entry["reason"] = spec.missingReason()
+            if reason is not None:
+                entry["reason"] = reason
             entries.append(entry)
         entries.append(
             {

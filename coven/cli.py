@@ -40,7 +40,7 @@ from coven.client import (
     eventPayload,
     outputBytes,
 )
-from coven.harnesses import HarnessRegistry
+from coven.harnesses import HarnessRegistry, interpreterProblem
 from coven.home import isCovenDaemon, processAlive
 from coven.records import Event, SessionRecord
 from coven.settings import SETTINGS_FILE, loadSettings
@@ -1030,13 +1030,13 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             report.fail(f"harness configuration ignored: {printable(capabilities.harnessConfigError)}")
         harnesses = [entry for entry in capabilities.capabilities if entry.harness]
         for entry in harnesses:
-            if entry.executable:
+            if entry.status == "available":
                 report.ok(f"harness {entry.harness}: {entry.executable}")
             else:
                 reason = entry.reason or "executable not found on the daemon's PATH"
                 report.warn(f"harness {entry.harness}: {reason}")
         # With harnesses.toml ignored, the failure above names the cause.
-        usable = any(entry.executable for entry in harnesses)
+        usable = any(entry.status == "available" for entry in harnesses)
         if harnesses and not usable and not capabilities.harnessConfigError:
             report.fail(
                 "no harness executable is on the daemon's PATH; install one, such as codex or"
@@ -1049,7 +1049,10 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             report.fail(f"harness configuration ignored: {printable(registry.configError)}")
         for spec in registry.all():
             executable = spec.resolveExecutable(os.environ.get("PATH"))
-            if executable and os.sep in spec.command[0]:
+            problem = interpreterProblem(executable) if executable else None
+            if problem is not None:
+                report.warn(f"harness {spec.id}: {problem}")
+            elif executable and os.sep in spec.command[0]:
                 report.ok(f"harness {spec.id}: {executable}")
             elif executable:
                 report.ok(f"harness {spec.id}: {executable} (on this shell's PATH)")

@@ -146,7 +146,7 @@ class Capability:
     @ivar harness: the harness id for harness entries, else C{None}.
     @ivar executable: the harness executable the daemon found on its C{PATH},
         or C{None} when it found none or the entry is not a harness.
-    @ivar reason: why the daemon found no executable for a harness, else C{None}.
+    @ivar reason: why a harness is unavailable, such as no executable found, else C{None}.
     """
 
     id: str

@@ -116,6 +116,47 @@ class HarnessSpec:
         return f"Set the harness's command in {configPath} to an executable file."
 
 
+# The bytes of a script's first line that Linux reads for its interpreter
+# (BINPRM_BUF_SIZE).
+_SCRIPT_HEADER_BYTES = 256
+
+
+def interpreterProblem(executable: str) -> str | None:
+    """
+    Return why the kernel cannot start C{executable}, a script, because of the
+    interpreter its first line names, or C{None}.
+
+    C{execve} then fails as if the script were missing, so only this check
+    can say which file is. Twisted's PTY child reports such a failure as a
+    Python traceback in the session's output, after the launch succeeded.
+    Only an absolute interpreter path is checked, since the kernel resolves
+    a relative one against the harness's working folder.
+    """
+    try:
+        with open(executable, "rb") as file:
+            header = file.read(_SCRIPT_HEADER_BYTES)
+    except OSError:
+        # A binary may be executable without being readable; the kernel
+        # reports anything else when the harness starts.
+        return None
+    if not header.startswith(b"#!"):
+        return None
+    words = header[2:].split(b"\n", 1)[0].split()
+    if not words:
+        return f"script {executable!r} has no interpreter after the #! on its first line"
+    interpreter = os.fsdecode(words[0])
+    if not os.path.isabs(interpreter):
+        return None
+    if not os.path.exists(interpreter):
+        return f"script {executable!r} names the interpreter {interpreter!r} on its first line, which does not exist"
+    if os.path.isdir(interpreter) or not os.access(interpreter, os.X_OK):
+        return (
+            f"script {executable!r} names the interpreter {interpreter!r} on its first line,"
+            " which is not an executable file"
+        )
+    return None
+
+
 BUILTIN_HARNESSES = (
     HarnessSpec("codex", "Codex CLI", ("codex",), ("--", PROMPT_PLACEHOLDER)),
     HarnessSpec("claude", "Claude Code", ("claude",), ("--", PROMPT_PLACEHOLDER)),

@@ -25,7 +25,7 @@ from coven.errors import (
     SessionNotFound,
     SessionNotLive,
 )
-from coven.harnesses import HarnessRegistry, HarnessSpec
+from coven.harnesses import HarnessRegistry, HarnessSpec, interpreterProblem
 from coven.pty import HarnessProtocol
 from coven.ptyreader import PTYReader
 from coven.records import SessionRecord, utcnow
@@ -433,6 +433,16 @@ class SessionManager(Service):
             advice = harness.missingAdvice(self.harnesses.configPath, environment.get("PATH", os.defpath))
             raise PtySpawnFailed(
                 f"Harness {harness.id} could not be launched: {reason}. {advice}",
+                sessionId=sessionId,
+                harness=harness.id,
+            )
+
+        problem = interpreterProblem(executable)
+        if problem is not None:
+            await self._recordSpawnFailure(record, problem)
+            raise PtySpawnFailed(
+                f"Harness {harness.id} could not be launched: {problem}. Install that interpreter,"
+                " or change the script's first line.",
                 sessionId=sessionId,
                 harness=harness.id,
             )

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from coven.harnesses import HarnessConfigError, HarnessSpec, parseHarnessFile
+from coven.harnesses import HarnessConfigError, HarnessSpec, interpreterProblem, parseHarnessFile
 
 
 def spec(command: str) -> HarnessSpec:
@@ -35,6 +35,37 @@ def test_missing_reason_per_command(tmp_path: pathlib.Path) -> None:
     )
     assert spec(str(notExecutable)).resolveExecutable(None) is None
     assert spec(str(executable)).resolveExecutable(None) == str(executable)
+
+
+def script(folder: pathlib.Path, name: str, text: bytes) -> str:
+    path = folder / name
+    path.write_bytes(text)
+    os.chmod(path, 0o755)
+    return str(path)
+
+
+def test_interpreter_problem_per_script(tmp_path: pathlib.Path) -> None:
+    notExecutable = script(tmp_path, "interpreter", b"")
+    os.chmod(notExecutable, 0o644)
+    cases = [
+        (b"#!/bin/sh\necho hi\n", None),
+        (b"#! /bin/sh -e\n", None),
+        (b"\x7fELF\x02\x01", None),
+        (b"echo no interpreter line\n", None),
+        # The kernel resolves a relative interpreter against the working folder.
+        (b"#!sh\n", None),
+        (b"#!/nonexistent/interp\n", "names the interpreter '/nonexistent/interp' on its first line, which does not exist"),
+        (b"#!  /nonexistent/interp arg\n", "names the interpreter '/nonexistent/interp' on its first line, which does not exist"),
+        (f"#!{tmp_path}\n".encode(), f"names the interpreter '{tmp_path}' on its first line, which is not an executable file"),
+        (f"#!{notExecutable}\n".encode(), f"names the interpreter '{notExecutable}' on its first line, which is not an executable file"),
+        (b"#!\n", "has no interpreter after the #! on its first line"),
+    ]
+    for number, (text, problem) in enumerate(cases):
+        path = script(tmp_path, f"agent{number}", text)
+        if problem is None:
+            assert interpreterProblem(path) is None, text
+        else:
+            assert interpreterProblem(path) == f"script {path!r} {problem}", text
 
 
 def test_relative_command_path_rejected(tmp_path: pathlib.Path) -> None:

@@ -177,6 +177,40 @@ async def test_missing_executable_fails_spawn(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_missing_interpreter_fails_spawn(daemon):
+    agent = os.path.join(daemon.home, "agent.sh")
+    with open(agent, "w") as file:
+        file.write("#!/nonexistent/interpreter\necho hi\n")
+    os.chmod(agent, 0o755)
+    with open(os.path.join(daemon.home, "harnesses.toml"), "a") as file:
+        file.write(f'\n[harnesses.script]\ncommand = ["{agent}"]\n')
+
+    status, body = await daemon.client.post(
+        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": "script", "prompt": "hi"}
+    )
+    _, capabilities = await daemon.client.get("/api/v1/capabilities")
+
+    reason = (
+        f"script '{agent}' names the interpreter '/nonexistent/interpreter' on its first line,"
+        " which does not exist"
+    )
+    assert status == 500
+    assert body["error"]["code"] == "pty_spawn_failed"
+    assert body["error"]["message"] == (
+        f"Harness script could not be launched: {reason}. Install that interpreter, or change"
+        " the script's first line."
+    )
+    sessionId = body["error"]["details"]["sessionId"]
+    status, record = await daemon.client.get(f"/api/v1/sessions/{sessionId}")
+    assert record["status"] == "failed"
+    events = await daemon.client.allEvents(sessionId)
+    assert [event["kind"] for event in events] == ["exit"]
+    assert payload(events[0])["reason"] == reason
+    entry = [item for item in capabilities["capabilities"] if item.get("harness") == "script"][0]
+    assert (entry["status"], entry["executable"], entry["reason"]) == ("unavailable", agent, reason)
+
+
+@pytest_twisted.ensureDeferred
 async def test_harness_file_not_executable_explained(daemon):
     agent = os.path.join(daemon.home, "agent.sh")
     with open(agent, "w") as file:
