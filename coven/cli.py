@@ -41,7 +41,7 @@ from coven.client import (
     outputBytes,
 )
 from coven.harnesses import HarnessRegistry, interpreterProblem
-from coven.home import isCovenDaemon, processAlive
+from coven.home import homeProblem, isCovenDaemon, processAlive
 from coven.records import Event, SessionRecord
 from coven.settings import SETTINGS_FILE, loadSettings
 from coven.store import SCHEMA_VERSION, connectReadOnly, databaseProblem
@@ -1005,6 +1005,11 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
     report = _Report()
     home = client.home
 
+    problem = homeProblem(home)
+    if problem is not None:
+        # Nothing in the home can be checked.
+        report.fail(problem)
+        return EXIT_API_ERROR
     if not checkPrivate(report, "home", home, 0o700, stat.S_ISDIR):
         report.warn(f"home {home} does not exist yet; `{client.startCommand}` creates it")
     if not checkPrivate(report, "socket", client.socketPath, 0o600, stat.S_ISSOCK):

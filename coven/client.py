@@ -20,7 +20,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from coven.records import Event, EventPage, SessionRecord
-from coven.home import daemonSocketPath, defaultHome, socketPathProblem
+from coven.home import daemonSocketPath, defaultHome, homeProblem, socketPathProblem
 
 CONTRACT_VERSION = "coven.daemon.v1"
 API_PREFIX = "/api/v1"
@@ -392,7 +392,7 @@ class CovenClient:
         @raise DaemonUnreachable: the connection failed otherwise or timed out.
         @raise IncompatibleDaemon: the handshake found another API contract.
         """
-        problem = socketPathProblem(self.socketPath)
+        problem = homeProblem(self.home) or socketPathProblem(self.socketPath)
         if problem is not None:
             raise DaemonUnreachable(problem)
         if handshake:

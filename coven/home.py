@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 
 def defaultHome() -> str:
@@ -11,6 +12,27 @@ def defaultHome() -> str:
     Return C{$COVEN_HOME}, else C{~/.coven}.
     """
     return os.environ.get("COVEN_HOME") or os.path.join(os.path.expanduser("~"), ".coven")
+
+
+def homeProblem(home: str) -> str | None:
+    """
+    Return why the absolute path C{home} cannot be a home folder because a
+    file is in its place or on its path, or C{None}.
+    """
+    try:
+        if not stat.S_ISDIR(os.stat(home).st_mode):
+            return f"the home {home} is a file, not a folder; pass another --home or move the file"
+        return None
+    except NotADirectoryError:
+        pass
+    except OSError:
+        return None
+    parent = os.path.dirname(home)
+    while parent != os.path.dirname(parent):
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            return f"the home {home} cannot be created: {parent} is a file, not a folder; pass another --home"
+        parent = os.path.dirname(parent)
+    return None
 
 
 def daemonSocketPath(home: str) -> str:

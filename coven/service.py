@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from coven.api import CovenAPI
 from coven.harnesses import HarnessRegistry
-from coven.home import defaultHome, socketPathProblem
+from coven.home import defaultHome, homeProblem, socketPathProblem
 from coven.records import utcnow
 from coven.sessions import DEFAULT_KILL_GRACE, SessionManager, killLeftoverProcesses
 from coven.settings import SETTINGS_FILE, loadSettings
@@ -351,6 +351,10 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
     listen = options.get("listen") or defaultListen(home)
     service = CovenService(home, listen, reactor, killGrace=float(options.get("kill-grace") or DEFAULT_KILL_GRACE))
     problem = socketPathProblem(service.socketPath) if service.listensOnHomeSocket else None
+    if problem is not None:
+        sys.stderr.write(f"coven: {problem}\n")
+        raise SystemExit(1)
+    problem = homeProblem(home)
     if problem is not None:
         sys.stderr.write(f"coven: {problem}\n")
         raise SystemExit(1)

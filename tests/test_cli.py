@@ -593,15 +593,40 @@ def doctorWithHarnessFile(emptyHome: str, text: str) -> tuple[str, subprocess.Co
 
 
 def test_doctor_names_harness_file_without_executables(emptyHome):
-    text = "".join(
-        f'[harnesses.{harness}]\ncommand = ["{emptyHome}/missing-{harness}"]\n'
-        for harness in ("codex", "claude", "copilot")
-    )
+    # A script that names a missing interpreter cannot start either.
+    script = os.path.join(emptyHome, "agent.sh")
+    with open(script, "w") as file:
+        file.write("#!/nonexistent/interpreter\n")
+    os.chmod(script, 0o755)
+    commands = {"codex": f"{emptyHome}/missing-codex", "claude": script, "copilot": f"{emptyHome}/missing-copilot"}
+    text = "".join(f'[harnesses.{harness}]\ncommand = ["{command}"]\n' for harness, command in commands.items())
     home, report = doctorWithHarnessFile(emptyHome, text)
 
     assert "FAIL  no harness executable is on the daemon's PATH" in report.stdout
     assert f"add one to {home}/harnesses.toml" in report.stdout
     assert f"warn  harness codex: executable '{emptyHome}/missing-codex' does not exist\n" in report.stdout
+    assert (
+        f"warn  harness claude: script '{script}' names the interpreter '/nonexistent/interpreter'"
+        " on its first line, which does not exist\n"
+    ) in report.stdout
+
+
+def test_file_as_home_explained(emptyHome):
+    home = os.path.join(emptyHome, "file")
+    with open(home, "w"):
+        pass
+    message = f"the home {home} is a file, not a folder; pass another --home or move the file"
+
+    doctor = coven(home, "doctor")
+    start = coven(home, "daemon", "start")
+    below = coven(os.path.join(home, "h"), "sessions")
+
+    assert (doctor.returncode, doctor.stdout, doctor.stderr) == (1, f"FAIL  {message}\n", "")
+    assert (start.returncode, start.stderr) == (1, f"coven: {message}\n")
+    assert below.returncode == 1
+    assert below.stderr == (
+        f"coven: the home {home}/h cannot be created: {home} is a file, not a folder; pass another --home\n"
+    )
 
 
 def test_empty_home_rejected(emptyHome):
