@@ -415,7 +415,8 @@ class CovenClient:
             timedOut = True
             exchange.cancel()
 
-        timer = self._reactor.callLater(self.timeout if timeout is None else timeout, expire)
+        limit = self.timeout if timeout is None else timeout
+        timer = self._reactor.callLater(limit, expire)
         try:
             status, content = await exchange
         except Exception as error:
@@ -423,7 +424,9 @@ class CovenClient:
                 if timedOut:
                     raise DaemonUnreachable(
                         f"Request {method} {path} to the Coven daemon at {self.socketPath}"
-                        " timed out without a response."
+                        f" timed out without a response after {limit:g} s. The daemon is busy,"
+                        f" stopped (SIGSTOP) or hung; its log, {os.path.join(self.home, 'coven.log')}"
+                        " when started by `coven daemon start`, may say why."
                     ) from None
                 raise defer.CancelledError() from None
             raise self._transportError(error) from None
@@ -451,7 +454,8 @@ class CovenClient:
             # Twisted's messages end with a period of their own.
             reasons = "; ".join(reason.getErrorMessage().rstrip(".") for reason in error.reasons)
             return DaemonUnreachable(
-                f"Lost the connection to the Coven daemon at {self.socketPath}: {reasons}."
+                f"The Coven daemon at {self.socketPath} closed the connection before its response"
+                f" was complete ({reasons}); `coven daemon status` shows whether it still runs."
             )
         return error
 

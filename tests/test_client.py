@@ -198,8 +198,13 @@ async def test_request_timeout_and_cancel(home):
     _, port = await serveStandIn(home, "coven.daemon.v1")
     try:
         client = CovenClient(home, timeout=0.3)
-        with pytest.raises(DaemonUnreachable, match="GET /api/v1/capabilities .* timed out"):
+        with pytest.raises(DaemonUnreachable) as raised:
             await client.capabilities()
+        assert str(raised.value) == (
+            f"Request GET /api/v1/capabilities to the Coven daemon at {home}/coven.sock timed out"
+            " without a response after 0.3 s. The daemon is busy, stopped (SIGSTOP) or hung; its"
+            f" log, {home}/coven.log when started by `coven daemon start`, may say why."
+        )
 
         # A caller's own cancellation stays a cancellation.
         patient = CovenClient(home, timeout=30)
@@ -451,8 +456,9 @@ def test_transport_error_messages_end_once():
     connectFailure = client._transportError(ConnectError(string="User timeout caused connection failure."))
 
     assert str(lost) == (
-        "Lost the connection to the Coven daemon at /tmp/coven-test-messages/coven.sock:"
-        " Connection was closed cleanly."
+        "The Coven daemon at /tmp/coven-test-messages/coven.sock closed the connection before its"
+        " response was complete (Connection was closed cleanly); `coven daemon status` shows"
+        " whether it still runs."
     )
     assert str(connectFailure).endswith(": An error occurred while connecting: User timeout caused connection failure.")
     assert not str(connectFailure).endswith("..")
