@@ -770,6 +770,10 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
         # to another process, which twistd would take for a running daemon.
         os.unlink(pidfile)
     logPath = os.path.join(home, "coven.log")
+    # twistd opens the log before it sets its umask, so the file would take
+    # the shell's umask, and the log names the sessions' working folders.
+    os.close(os.open(logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(logPath, 0o600)
     startedAt = time.time()
     with tempfile.TemporaryFile() as output:
         # twistd's first process exits once the daemonized one has started its

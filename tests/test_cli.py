@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import sqlite3
 import subprocess
 import sys
@@ -968,7 +969,7 @@ def test_daemon_start_status_stop_twice(emptyHome):
             assert notRunning.returncode == 3
             assert "Coven daemon is not running" in notRunning.stderr
 
-        assert os.path.exists(os.path.join(home, "coven.log"))
+        assert stat.S_IMODE(os.stat(os.path.join(home, "coven.log")).st_mode) == 0o600
     finally:
         if os.path.exists(pidfile):
             os.kill(readPidfile(pidfile), signal.SIGTERM)
