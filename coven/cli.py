@@ -812,7 +812,27 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
 
     pid = health.daemon.pid if health.daemon else readPid(pidfilePath(home))
     print(f"Coven daemon started (pid {pid}) at {client.socketPath}; log: {logPath}")
+    warnIgnoredFiles(home)
     return EXIT_OK
+
+
+def warnIgnoredFiles(home: str) -> None:
+    """
+    Print a warning for each file of C{home} that the daemon reads at start
+    and ignores because it is invalid, as the daemon only logs it.
+    """
+    settings = loadSettings(os.path.join(home, SETTINGS_FILE))
+    if settings.error:
+        sys.stderr.write(
+            "coven: warning: settings ignored, so the daemon uses the defaults (redaction on):"
+            f" {printable(settings.error)}\n"
+        )
+    harnesses = HarnessRegistry(os.path.join(home, "harnesses.toml"))
+    if harnesses.configError:
+        sys.stderr.write(
+            "coven: warning: harness configuration ignored, so the daemon offers only the built-in"
+            f" harnesses: {printable(harnesses.configError)}\n"
+        )
 
 
 async def stopDaemon(reactor: Any, client: CovenClient) -> int:

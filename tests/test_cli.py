@@ -657,6 +657,29 @@ def test_doctor_reports_settings_file(emptyHome):
     assert f"ok    settings {path}: redaction off (read when the daemon starts)\n" in valid.stdout
 
 
+def test_daemon_start_warns_of_ignored_files(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    os.makedirs(home, mode=0o700)
+    with open(os.path.join(home, "harnesses.toml"), "w") as file:
+        file.write("[harnesses.broken\n")
+    with open(os.path.join(home, "coven.toml"), "w") as file:
+        file.write("[redaction]\nenable = false\n")
+    started = coven(home, "daemon", "start")
+    coven(home, "daemon", "stop")
+
+    assert started.returncode == 0, started.stderr
+    warnings = started.stderr.splitlines()
+    assert warnings[0] == (
+        "coven: warning: settings ignored, so the daemon uses the defaults (redaction on):"
+        f" {home}/coven.toml: [redaction] unknown key 'enable'; did you mean 'enabled'?"
+    )
+    assert warnings[1].startswith(
+        "coven: warning: harness configuration ignored, so the daemon offers only the built-in"
+        f" harnesses: {home}/harnesses.toml: "
+    )
+    assert len(warnings) == 2
+
+
 def test_doctor_ignored_harness_file_fails_once(emptyHome):
     _, report = doctorWithHarnessFile(emptyHome, "[harnesses.broken\n")
 
