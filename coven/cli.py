@@ -495,6 +495,8 @@ class Attachment:
         self._client = client
         self.session = session
         self.finalEvent: Event | None = None
+        # Whether the output written so far ends with a newline.
+        self.outputEndsLine = True
         self._done: defer.Deferred[str] = defer.Deferred()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._pendingInput = ""
@@ -566,6 +568,7 @@ class Attachment:
             data = outputBytes(event)
             if data:
                 writeAll(1, data)
+                self.outputEndsLine = data.endswith(b"\n")
             if event.kind in FINAL_EVENT_KINDS:
                 self.finalEvent = event
         return "ended"
@@ -679,7 +682,10 @@ async def attachSession(reactor: Any, client: CovenClient, session: SessionRecor
             cause = f"exit code {payload['exitCode']}"
         else:
             cause = payload.get("reason") or "no exit code"
-        sys.stderr.write(f"Session {session.id} ended: {payload.get('status')}, {printable(str(cause))}.\n")
+        # The harness's last line, such as "^C" echoed before a SIGINT, may
+        # not end with a newline.
+        start = "" if attachment.outputEndsLine else "\r\n"
+        sys.stderr.write(f"{start}Session {session.id} ended: {payload.get('status')}, {printable(str(cause))}.\n")
     else:
         reason = eventPayload(final).get("reason", "the daemon restarted")
         sys.stderr.write(f"Session {session.id} was orphaned: {printable(str(reason))}.\n")

@@ -846,6 +846,24 @@ def test_attach_without_terminal(cliDaemon):
     assert stderr == f"Session {sessionId} ended: completed, exit code 0.\n".encode()
 
 
+def test_attach_end_line_after_unfinished_line(cliDaemon):
+    sessionId = launch(cliDaemon, "bytes 3e20")
+    waitForExit(cliDaemon, sessionId)
+
+    # As bytes, since text mode would turn the "\r\n" into "\n".
+    attached = subprocess.run(
+        [COVEN, "attach", sessionId],
+        env=covenEnvironment(cliDaemon.home),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+    )
+
+    assert attached.returncode == 0, attached.stderr
+    assert attached.stdout == b"> "
+    assert attached.stderr == f"\r\nSession {sessionId} ended: completed, exit code 0.\n".encode()
+
+
 @pytest.mark.parametrize("signalNumber", [signal.SIGINT, signal.SIGTERM])
 def test_attach_without_terminal_stopped(cliDaemon, signalNumber):
     sessionId, attach = attachWithoutTerminal(cliDaemon)
