@@ -1171,7 +1171,14 @@ def buildParser() -> argparse.ArgumentParser:
 
     send = command("send", sendCommand, "send text to a running session, followed by Enter")
     sessionArgument(send)
-    send.add_argument("text", metavar="TEXT", help="the text to type into the session")
+    # argparse takes a TEXT that starts with "-" for an option, and its usage
+    # line is the only hint it prints with that error.
+    send.usage = "coven send [-h] [--no-enter] [--json] ID [--] TEXT"
+    send.add_argument(
+        "text",
+        metavar="TEXT",
+        help="the text to type into the session; put -- before a TEXT that starts with -, as in `coven send ID -- -n`",
+    )
     send.add_argument("--no-enter", action="store_true", help="send TEXT without a trailing Enter")
     jsonOption(send)
 

@@ -224,6 +224,11 @@ def test_usage_errors_exit_code_2(emptyHome):
     assert noJSON.returncode == 2
     assert "--json" in noJSON.stderr
 
+    # A TEXT that starts with "-" needs "--" before it, which the usage line shows.
+    dash = coven(emptyHome, "send", "abc", "-n")
+    assert dash.returncode == 2
+    assert dash.stderr.startswith("usage: coven send [-h] [--no-enter] [--json] ID [--] TEXT\n")
+
 
 # Sessions
 
