@@ -747,14 +747,14 @@ async def daemonHealth(client: CovenClient) -> Any:
         return None
 
 
-def logPointer(logPath: str, since: float) -> str:
+def logPointer(logPath: str, sizeBefore: int) -> str:
     """
-    Return "; see LOGPATH" when the log was written at or after C{since} (a
-    time.time() value, with a second of slack), else "". A start refused before
-    twistd opens its log, such as for a home in use, has no log to point to.
+    Return "; see LOGPATH" when the log has grown past C{sizeBefore} bytes,
+    else "". A start refused before twistd opens its log, such as for a home
+    in use, has nothing in the log to point to.
     """
     try:
-        written = os.stat(logPath).st_mtime >= since - 1
+        written = os.path.getsize(logPath) > sizeBefore
     except OSError:
         written = False
     return f"; see {logPath}" if written else ""
@@ -776,11 +776,13 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
         # to another process, which twistd would take for a running daemon.
         os.unlink(pidfile)
     logPath = os.path.join(home, "coven.log")
-    # twistd opens the log before it sets its umask, so the file would take
-    # the shell's umask, and the log names the sessions' working folders.
+    # The log names the sessions' working folders. twistd would create it
+    # with the shell's umask, before it sets its own, and the daemon's umask
+    # is the shell's again for its harnesses. twistd gives the files of its
+    # log rotations the mode of the log it found.
     os.close(os.open(logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     os.chmod(logPath, 0o600)
-    startedAt = time.time()
+    logSize = os.path.getsize(logPath)
     with tempfile.TemporaryFile() as output:
         # twistd's first process exits once the daemonized one has started its
         # service, with a non-zero code and a message when that failed.
@@ -802,7 +804,7 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
     if process.returncode != 0:
         raise CommandFailed(
             f"twistd could not start the daemon (exit code {process.returncode}):"
-            f" {message or 'no message'}{logPointer(logPath, startedAt)}."
+            f" {message or 'no message'}{logPointer(logPath, logSize)}."
         )
 
     while True:

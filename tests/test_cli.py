@@ -527,9 +527,9 @@ def test_newer_database_reported(emptyHome):
     assert report.returncode == 3
     assert f"FAIL  {problem}\n" in report.stdout
     assert started.returncode == 1
-    # Refused before twistd opened a log, so no log is named.
+    # Refused before twistd wrote to its log, so no log is named.
     assert f"(exit code 1): {problem}.\n" in started.stderr
-    assert not os.path.exists(os.path.join(home, "coven.log"))
+    assert os.path.getsize(os.path.join(home, "coven.log")) == 0
     assert "Traceback" not in started.stderr
 
 
@@ -557,16 +557,18 @@ def test_unrecorded_exits_found(tmp_path):
 
 def test_log_pointer_only_for_log_of_this_start(tmp_path):
     logPath = str(tmp_path / "coven.log")
-    missing = logPointer(logPath, time.time())
+    missing = logPointer(logPath, 0)
     with open(logPath, "w") as file:
-        file.write("started\n")
-    fresh = logPointer(logPath, time.time())
-    os.utime(logPath, (time.time() - 60, time.time() - 60))
-    old = logPointer(logPath, time.time())
+        file.write("earlier start\n")
+    size = os.path.getsize(logPath)
+    unchanged = logPointer(logPath, size)
+    with open(logPath, "a") as file:
+        file.write("this start\n")
+    grown = logPointer(logPath, size)
 
     assert missing == ""
-    assert fresh == f"; see {logPath}"
-    assert old == ""
+    assert unchanged == ""
+    assert grown == f"; see {logPath}"
 
 
 def test_older_database_upgrade_reported(emptyHome):
