@@ -1022,15 +1022,28 @@ def checkDatabase(report: _Report, path: str) -> None:
         report.ok(f"database {path}: integrity check ok, schema version {version}")
 
 
-def checkSettings(report: _Report, path: str) -> None:
-    # The daemon reads the file only when it starts, so a running daemon may
-    # still use the settings the file contained then.
+def checkSettings(report: _Report, path: str, daemonStartedAt: str | None) -> None:
+    """
+    Report whether the settings file can be used, and whether the running
+    daemon, which started at C{daemonStartedAt} if one runs, read it as it is.
+    """
     settings = loadSettings(path)
     if settings.error:
         report.fail(f"settings ignored, so the daemon starts with the defaults (redaction on): {printable(settings.error)}")
     elif os.path.exists(path):
         state = "on" if settings.redact else "off"
         report.ok(f"settings {path}: redaction {state} (read when the daemon starts)")
+    # The daemon reads the file only when it starts.
+    started = parseTimestamp(daemonStartedAt) if daemonStartedAt else None
+    try:
+        changed = os.stat(path).st_mtime
+    except OSError:
+        return
+    if started is not None and changed > started.timestamp():
+        report.warn(
+            f"settings {path} changed after the running daemon started, which still uses the"
+            " settings from before; `coven daemon restart` applies them"
+        )
 
 
 async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namespace) -> int:
@@ -1097,7 +1110,8 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
                 reason = spec.missingReason(where="this shell's PATH")
                 report.warn(f"harness {spec.id}: {reason}")
 
-    checkSettings(report, os.path.join(home, SETTINGS_FILE))
+    startedAt = health.daemon.startedAt if reachable and health.daemon else None
+    checkSettings(report, os.path.join(home, SETTINGS_FILE), startedAt)
 
     database = os.path.join(home, "coven.sqlite3")
     if checkPrivate(report, "database", database, 0o600, stat.S_ISREG):

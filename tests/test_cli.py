@@ -493,6 +493,26 @@ def test_doctor(cliDaemon, emptyHome):
     assert "FAIL  Coven daemon is not running at" in missing.stdout
 
 
+def test_doctor_settings_changed_after_start(cliDaemon):
+    path = os.path.join(cliDaemon.home, "coven.toml")
+    before = coven(cliDaemon.home, "doctor")
+    with open(path, "w") as file:
+        file.write("[redaction]\nenabled = false\n")
+    try:
+        after = coven(cliDaemon.home, "doctor")
+    finally:
+        os.remove(path)
+
+    warning = (
+        f"warn  settings {path} changed after the running daemon started, which still uses the"
+        " settings from before; `coven daemon restart` applies them\n"
+    )
+    assert "settings" not in before.stdout
+    assert f"ok    settings {path}: redaction off (read when the daemon starts)\n" in after.stdout
+    assert warning in after.stdout
+    assert after.returncode == 0
+
+
 def test_run_at_filesystem_root_explained(cliDaemon):
     result = coven(cliDaemon.home, "run", "fake", "print hi", "--detach", cwd="/")
 
