@@ -412,7 +412,11 @@ class CovenAPI:
         path = self.sessions.harnessEnvironment("").get("PATH")
         for spec in self.sessions.harnesses.all():
             executable = spec.resolveExecutable(path)
-            reason = spec.missingReason() if executable is None else interpreterProblem(executable)
+            if executable is None:
+                reason: str | None = spec.missingReason()
+            else:
+                problem = interpreterProblem(executable)
+                reason = None if problem is None else problem[0]
             entry = {
                 "id": f"harness.{spec.id}",
                 "label": spec.label,

@@ -1089,7 +1089,7 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
         usable = any(entry.status == "available" for entry in harnesses)
         if harnesses and not usable and not capabilities.harnessConfigError:
             report.fail(
-                "no harness executable is on the daemon's PATH; install one, such as codex or"
+                "no harness can be launched from the daemon's PATH; install one, such as codex or"
                 f" claude, or add one to {os.path.join(home, 'harnesses.toml')} (the README's"
                 " Harnesses section has a cat harness to try Coven with)"
             )
@@ -1101,7 +1101,7 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             executable = spec.resolveExecutable(os.environ.get("PATH"))
             problem = interpreterProblem(executable) if executable else None
             if problem is not None:
-                report.warn(f"harness {spec.id}: {problem}")
+                report.warn(f"harness {spec.id}: {problem[0]}")
             elif executable and os.sep in spec.command[0]:
                 report.ok(f"harness {spec.id}: {executable}")
             elif executable:

@@ -121,16 +121,19 @@ class HarnessSpec:
 _SCRIPT_HEADER_BYTES = 256
 
 
-def interpreterProblem(executable: str) -> str | None:
+def interpreterProblem(executable: str) -> tuple[str, str] | None:
     """
     Return why the kernel cannot start C{executable}, a script, because of the
-    interpreter its first line names, or C{None}.
+    interpreter its first line names, and what to do about it; or C{None}.
 
     C{execve} then fails as if the script were missing, so only this check
     can say which file is. Twisted's PTY child reports such a failure as a
     Python traceback in the session's output, after the launch succeeded.
-    Only an absolute interpreter path is checked, since the kernel resolves
-    a relative one against the harness's working folder.
+    As Linux does, the interpreter's path ends at a space, a tab or the end
+    of the line, so a script with Windows line endings names a path that
+    ends with a carriage return. Only an absolute interpreter path is
+    checked, since the kernel resolves a relative one against the harness's
+    working folder.
     """
     try:
         with open(executable, "rb") as file:
@@ -141,18 +144,29 @@ def interpreterProblem(executable: str) -> str | None:
         return None
     if not header.startswith(b"#!"):
         return None
-    words = header[2:].split(b"\n", 1)[0].split()
-    if not words:
-        return f"script {executable!r} has no interpreter after the #! on its first line"
-    interpreter = os.fsdecode(words[0])
+    line = header[2:].split(b"\n", 1)[0].lstrip(b" \t")
+    name = re.split(rb"[ \t]", line, maxsplit=1)[0]
+    script = f"script {executable!r}"
+    if not name:
+        return (
+            f"{script} has no interpreter after the #! on its first line",
+            "Add the interpreter's path after the #!.",
+        )
+    interpreter = os.fsdecode(name)
     if not os.path.isabs(interpreter):
         return None
+    names = f"{script} names the interpreter {interpreter!r} on its first line"
+    if interpreter.endswith("\r") and not os.path.exists(interpreter):
+        return (
+            f"{names}, which does not exist: the script has Windows line endings",
+            "Convert the script to Unix line endings, as with dos2unix.",
+        )
     if not os.path.exists(interpreter):
-        return f"script {executable!r} names the interpreter {interpreter!r} on its first line, which does not exist"
+        return f"{names}, which does not exist", "Install that interpreter, or change the script's first line."
     if os.path.isdir(interpreter) or not os.access(interpreter, os.X_OK):
         return (
-            f"script {executable!r} names the interpreter {interpreter!r} on its first line,"
-            " which is not an executable file"
+            f"{names}, which is not an executable file",
+            "Make that file executable, or change the script's first line.",
         )
     return None
 

@@ -439,10 +439,10 @@ class SessionManager(Service):
 
         problem = interpreterProblem(executable)
         if problem is not None:
-            await self._recordSpawnFailure(record, problem)
+            reason, advice = problem
+            await self._recordSpawnFailure(record, reason)
             raise PtySpawnFailed(
-                f"Harness {harness.id} could not be launched: {problem}. Install that interpreter,"
-                " or change the script's first line.",
+                f"Harness {harness.id} could not be launched: {reason}. {advice}",
                 sessionId=sessionId,
                 harness=harness.id,
             )

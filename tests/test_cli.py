@@ -630,7 +630,7 @@ def test_doctor_names_harness_file_without_executables(emptyHome):
     text = "".join(f'[harnesses.{harness}]\ncommand = ["{command}"]\n' for harness, command in commands.items())
     home, report = doctorWithHarnessFile(emptyHome, text)
 
-    assert "FAIL  no harness executable is on the daemon's PATH" in report.stdout
+    assert "FAIL  no harness can be launched from the daemon's PATH" in report.stdout
     assert f"add one to {home}/harnesses.toml" in report.stdout
     assert f"warn  harness codex: executable '{emptyHome}/missing-codex' does not exist\n" in report.stdout
     assert (

@@ -47,25 +47,54 @@ def script(folder: pathlib.Path, name: str, text: bytes) -> str:
 def test_interpreter_problem_per_script(tmp_path: pathlib.Path) -> None:
     notExecutable = script(tmp_path, "interpreter", b"")
     os.chmod(notExecutable, 0o644)
+    install = "Install that interpreter, or change the script's first line."
     cases = [
         (b"#!/bin/sh\necho hi\n", None),
         (b"#! /bin/sh -e\n", None),
+        (b"#!/bin/sh\t-e\n", None),
         (b"\x7fELF\x02\x01", None),
         (b"echo no interpreter line\n", None),
         # The kernel resolves a relative interpreter against the working folder.
         (b"#!sh\n", None),
-        (b"#!/nonexistent/interp\n", "names the interpreter '/nonexistent/interp' on its first line, which does not exist"),
-        (b"#!  /nonexistent/interp arg\n", "names the interpreter '/nonexistent/interp' on its first line, which does not exist"),
-        (f"#!{tmp_path}\n".encode(), f"names the interpreter '{tmp_path}' on its first line, which is not an executable file"),
-        (f"#!{notExecutable}\n".encode(), f"names the interpreter '{notExecutable}' on its first line, which is not an executable file"),
-        (b"#!\n", "has no interpreter after the #! on its first line"),
+        (
+            b"#!/nonexistent/interp\n",
+            ("names the interpreter '/nonexistent/interp' on its first line, which does not exist", install),
+        ),
+        (
+            b"#!  /nonexistent/interp arg\n",
+            ("names the interpreter '/nonexistent/interp' on its first line, which does not exist", install),
+        ),
+        (
+            b"#!/bin/sh\r\necho hi\r\n",
+            (
+                "names the interpreter '/bin/sh\\r' on its first line, which does not exist: the script"
+                " has Windows line endings",
+                "Convert the script to Unix line endings, as with dos2unix.",
+            ),
+        ),
+        (
+            f"#!{tmp_path}\n".encode(),
+            (
+                f"names the interpreter '{tmp_path}' on its first line, which is not an executable file",
+                "Make that file executable, or change the script's first line.",
+            ),
+        ),
+        (
+            f"#!{notExecutable}\n".encode(),
+            (
+                f"names the interpreter '{notExecutable}' on its first line, which is not an executable file",
+                "Make that file executable, or change the script's first line.",
+            ),
+        ),
+        (b"#!\n", ("has no interpreter after the #! on its first line", "Add the interpreter's path after the #!.")),
     ]
-    for number, (text, problem) in enumerate(cases):
+    for number, (text, expected) in enumerate(cases):
         path = script(tmp_path, f"agent{number}", text)
-        if problem is None:
+        if expected is None:
             assert interpreterProblem(path) is None, text
         else:
-            assert interpreterProblem(path) == f"script {path!r} {problem}", text
+            reason, advice = expected
+            assert interpreterProblem(path) == (f"script {path!r} {reason}", advice), text
 
 
 def test_relative_command_path_rejected(tmp_path: pathlib.Path) -> None:
