@@ -37,20 +37,23 @@ def homeProblem(home: str) -> str | None:
 
 def daemonSocketPath(home: str) -> str:
     """
-    Return the Unix socket of the daemon of C{home}: C{<home>/coven.sock},
-    or, when that is missing, the socket that C{<home>/daemon.json} names
-    for a daemon that runs, as one started with C{--listen unix:PATH}.
+    Return the Unix socket of the daemon of C{home}: the one that
+    C{<home>/daemon.json} names while that daemon runs, as one started with
+    C{--listen unix:PATH}, else C{<home>/coven.sock}.
+
+    C{daemon.json} comes first because a daemon that crashed may have left
+    C{<home>/coven.sock} behind, which a daemon on another socket keeps.
     """
     homeSocket = os.path.join(home, "coven.sock")
-    if os.path.lexists(homeSocket):
-        return homeSocket
     try:
         with open(os.path.join(home, "daemon.json")) as file:
             info = json.load(file)
         pid, path = info["pid"], info["socketPath"]
     except (OSError, ValueError, KeyError, TypeError):
         return homeSocket
-    if not (isinstance(pid, int) and isinstance(path, str) and isCovenDaemon(pid)):
+    if not (isinstance(pid, int) and isinstance(path, str) and os.path.isabs(path)):
+        return homeSocket
+    if not isCovenDaemon(pid):
         # A daemon that crashed leaves its daemon.json behind.
         return homeSocket
     return path

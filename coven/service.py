@@ -158,13 +158,11 @@ class CovenService(MultiService):
         if isinstance(port, unix.Port) and self.listenDescription.startswith("systemd:"):
             _keepInheritedSocket(port)
         self.startedAt = utcnow()
-        info = self.daemonInfo()
-        assert info is not None
-        # The `coven` command connects to this path when <home>/coven.sock is
-        # missing, as with --listen unix:PATH.
+        info = dict(self.daemonInfo() or {})
+        # The `coven` command connects to this path, as for --listen unix:PATH.
         address = port.getHost()
         if isinstance(address, UNIXAddress) and address.name:
-            info["socketPath"] = os.fsdecode(address.name)
+            info["socketPath"] = os.path.abspath(os.fsdecode(address.name))
         temporary = self.daemonFile + ".tmp"
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:

@@ -977,8 +977,13 @@ def test_daemon_start_replaces_stale_pidfile(emptyHome):
 def test_daemon_on_listen_socket_reached(emptyHome):
     home = os.path.join(emptyHome, "h")
     os.makedirs(home, mode=0o700)
+    # A default daemon that crashed left its socket file behind.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(os.path.join(home, "coven.sock"))
+    stale.close()
     socketPath = os.path.join(emptyHome, "other.sock")
-    process = startForeground(home, "--listen", f"unix:{socketPath}:mode=600")
+    # Relative to the daemon's working folder, which is the home.
+    process = startForeground(home, "--listen", "unix:../other.sock:mode=600")
     try:
         status = coven(home, "daemon", "status")
         sessions = coven(home, "sessions")
