@@ -671,9 +671,12 @@ async def attachSession(reactor: Any, client: CovenClient, session: SessionRecor
         return EXIT_OK
 
     final = attachment.finalEvent
+    # The harness's last line, such as "^C" echoed before a SIGINT, may not
+    # end with a newline.
+    start = "" if attachment.outputEndsLine else "\r\n"
     if final is None:
         current = await client.getSession(session.id)
-        sys.stderr.write(f"Session {session.id} is {describeStatus(current)}.\n")
+        sys.stderr.write(f"{start}Session {session.id} is {describeStatus(current)}.\n")
     elif final.kind == "exit":
         payload = eventPayload(final)
         if payload.get("signal"):
@@ -682,13 +685,10 @@ async def attachSession(reactor: Any, client: CovenClient, session: SessionRecor
             cause = f"exit code {payload['exitCode']}"
         else:
             cause = payload.get("reason") or "no exit code"
-        # The harness's last line, such as "^C" echoed before a SIGINT, may
-        # not end with a newline.
-        start = "" if attachment.outputEndsLine else "\r\n"
         sys.stderr.write(f"{start}Session {session.id} ended: {payload.get('status')}, {printable(str(cause))}.\n")
     else:
         reason = eventPayload(final).get("reason", "the daemon restarted")
-        sys.stderr.write(f"Session {session.id} was orphaned: {printable(str(reason))}.\n")
+        sys.stderr.write(f"{start}Session {session.id} was orphaned: {printable(str(reason))}.\n")
     return EXIT_OK
 
 
@@ -780,9 +780,14 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
     # with the shell's umask, before it sets its own, and the daemon's umask
     # is the shell's again for its harnesses. twistd gives the files of its
     # log rotations the mode of the log it found.
-    os.close(os.open(logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    os.chmod(logPath, 0o600)
-    logSize = os.path.getsize(logPath)
+    try:
+        os.close(os.open(logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        os.chmod(logPath, 0o600)
+        logSize = os.path.getsize(logPath)
+    except OSError as error:
+        raise CommandFailed(
+            f"Cannot use the log file {logPath}: {error.strerror or error}; move it away and start again."
+        ) from None
     with tempfile.TemporaryFile() as output:
         # twistd's first process exits once the daemonized one has started its
         # service, with a non-zero code and a message when that failed.
@@ -804,7 +809,7 @@ async def startDaemon(reactor: Any, client: CovenClient) -> int:
     if process.returncode != 0:
         raise CommandFailed(
             f"twistd could not start the daemon (exit code {process.returncode}):"
-            f" {message or 'no message'}{logPointer(logPath, logSize)}."
+            f" {message.rstrip('.') or 'no message'}{logPointer(logPath, logSize)}."
         )
 
     while True:
@@ -1030,20 +1035,24 @@ def checkSettings(report: _Report, path: str, daemonStartedAt: str | None) -> No
     settings = loadSettings(path)
     if settings.error:
         report.fail(f"settings ignored, so the daemon starts with the defaults (redaction on): {printable(settings.error)}")
-    elif os.path.exists(path):
-        state = "on" if settings.redact else "off"
-        report.ok(f"settings {path}: redaction {state} (read when the daemon starts)")
+    if not os.path.exists(path):
+        return
     # The daemon reads the file only when it starts.
     started = parseTimestamp(daemonStartedAt) if daemonStartedAt else None
     try:
-        changed = os.stat(path).st_mtime
+        changed = started is not None and os.stat(path).st_mtime > started.timestamp()
     except OSError:
-        return
-    if started is not None and changed > started.timestamp():
+        changed = False
+    redaction = "on" if settings.redact else "off"
+    if changed:
+        described = "" if settings.error else f" (redaction {redaction})"
         report.warn(
-            f"settings {path} changed after the running daemon started, which still uses the"
-            " settings from before; `coven daemon restart` applies them"
+            f"settings {path}{described} changed after the running daemon started, which still uses"
+            " the settings from before; restart the daemon to apply them (`coven daemon restart`"
+            " if `coven daemon start` started it)"
         )
+    elif not settings.error:
+        report.ok(f"settings {path}: redaction {redaction} (read when the daemon starts)")
 
 
 async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namespace) -> int:
@@ -1187,9 +1196,6 @@ def buildParser() -> argparse.ArgumentParser:
 
     send = command("send", sendCommand, "send text to a running session, followed by Enter")
     sessionArgument(send)
-    # argparse takes a TEXT that starts with "-" for an option, and its usage
-    # line is the only hint it prints with that error.
-    send.usage = "coven send [-h] [--no-enter] [--json] ID [--] TEXT"
     send.add_argument(
         "text",
         metavar="TEXT",
@@ -1197,6 +1203,9 @@ def buildParser() -> argparse.ArgumentParser:
     )
     send.add_argument("--no-enter", action="store_true", help="send TEXT without a trailing Enter")
     jsonOption(send)
+    # argparse takes a TEXT that starts with "-" for an option, and its usage
+    # line is the only hint it prints with that error.
+    send.usage = send.format_usage().removeprefix("usage: ").rstrip("\n").replace(" ID TEXT", " ID [--] TEXT")
 
     for name, handler, help in (
         ("kill", killCommand, "kill a running session"),

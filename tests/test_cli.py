@@ -504,12 +504,13 @@ def test_doctor_settings_changed_after_start(cliDaemon):
         os.remove(path)
 
     warning = (
-        f"warn  settings {path} changed after the running daemon started, which still uses the"
-        " settings from before; `coven daemon restart` applies them\n"
+        f"warn  settings {path} (redaction off) changed after the running daemon started, which"
+        " still uses the settings from before; restart the daemon to apply them (`coven daemon"
+        " restart` if `coven daemon start` started it)\n"
     )
     assert "settings" not in before.stdout
-    assert f"ok    settings {path}: redaction off (read when the daemon starts)\n" in after.stdout
     assert warning in after.stdout
+    assert "ok    settings" not in after.stdout
     assert after.returncode == 0
 
 
@@ -655,6 +656,17 @@ def test_file_as_home_explained(emptyHome):
     assert below.stderr == (
         f"coven: the home {home}/h cannot be created: {home} is a file, not a folder; pass another --home\n"
     )
+
+
+def test_log_folder_explained(emptyHome):
+    home = os.path.join(emptyHome, "h")
+    logPath = os.path.join(home, "coven.log")
+    os.makedirs(logPath)
+
+    start = coven(home, "daemon", "start")
+
+    assert start.returncode == 1
+    assert start.stderr == f"coven: Cannot use the log file {logPath}: Is a directory; move it away and start again.\n"
 
 
 def test_empty_home_rejected(emptyHome):
