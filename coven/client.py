@@ -14,7 +14,7 @@ import attrs
 import treq
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone
 from twisted.web.client import Agent, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -425,8 +425,8 @@ class CovenClient:
                     raise DaemonUnreachable(
                         f"Request {method} {path} to the Coven daemon at {self.socketPath}"
                         f" timed out without a response after {limit:g} s. The daemon is busy,"
-                        f" stopped (SIGSTOP) or hung; its log, {os.path.join(self.home, 'coven.log')}"
-                        " when started by `coven daemon start`, may say why."
+                        " stopped (SIGSTOP) or hung. If `coven daemon start` started it,"
+                        f" {os.path.join(self.home, 'coven.log')} may say why."
                     ) from None
                 raise defer.CancelledError() from None
             raise self._transportError(error) from None
@@ -451,11 +451,15 @@ class CovenClient:
             reason = str(error).rstrip(".")
             return DaemonUnreachable(f"Cannot connect to the Coven daemon at {self.socketPath}: {reason}.")
         if isinstance(error, (ResponseNeverReceived, ResponseFailed)):
+            # A clean close is what a daemon that stopped or crashed leaves;
+            # Twisted's words for it add nothing.
+            reasons = [reason for reason in error.reasons if not reason.check(ConnectionDone)]
             # Twisted's messages end with a period of their own.
-            reasons = "; ".join(reason.getErrorMessage().rstrip(".") for reason in error.reasons)
+            detail = "; ".join(reason.getErrorMessage().rstrip(".") for reason in reasons)
             return DaemonUnreachable(
                 f"The Coven daemon at {self.socketPath} closed the connection before its response"
-                f" was complete ({reasons}); `coven daemon status` shows whether it still runs."
+                f" was complete{f' ({detail})' if detail else ''}; `coven daemon status` shows"
+                " whether it still runs."
             )
         return error
 

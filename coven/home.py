@@ -21,7 +21,7 @@ def homeProblem(home: str) -> str | None:
     """
     try:
         if not stat.S_ISDIR(os.stat(home).st_mode):
-            return f"the home {home} is a file, not a folder; pass another --home or move the file"
+            return f"the home {home} is a file, not a folder; choose another with --home or COVEN_HOME"
         return None
     except NotADirectoryError:
         pass
@@ -30,7 +30,10 @@ def homeProblem(home: str) -> str | None:
     parent = os.path.dirname(home)
     while parent != os.path.dirname(parent):
         if os.path.exists(parent) and not os.path.isdir(parent):
-            return f"the home {home} cannot be created: {parent} is a file, not a folder; pass another --home"
+            return (
+                f"the home {home} cannot be created: {parent} is a file, not a folder;"
+                " choose another with --home or COVEN_HOME"
+            )
         parent = os.path.dirname(parent)
     return None
 

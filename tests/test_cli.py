@@ -644,7 +644,7 @@ def test_file_as_home_explained(emptyHome):
     home = os.path.join(emptyHome, "file")
     with open(home, "w"):
         pass
-    message = f"the home {home} is a file, not a folder; pass another --home or move the file"
+    message = f"the home {home} is a file, not a folder; choose another with --home or COVEN_HOME"
 
     doctor = coven(home, "doctor")
     start = coven(home, "daemon", "start")
@@ -654,7 +654,7 @@ def test_file_as_home_explained(emptyHome):
     assert (start.returncode, start.stderr) == (1, f"coven: {message}\n")
     assert below.returncode == 1
     assert below.stderr == (
-        f"coven: the home {home}/h cannot be created: {home} is a file, not a folder; pass another --home\n"
+        f"coven: the home {home}/h cannot be created: {home} is a file, not a folder; choose another with --home or COVEN_HOME\n"
     )
 
 

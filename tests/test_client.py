@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed
 from twisted.web.resource import Resource
@@ -202,8 +202,8 @@ async def test_request_timeout_and_cancel(home):
             await client.capabilities()
         assert str(raised.value) == (
             f"Request GET /api/v1/capabilities to the Coven daemon at {home}/coven.sock timed out"
-            " without a response after 0.3 s. The daemon is busy, stopped (SIGSTOP) or hung; its"
-            f" log, {home}/coven.log when started by `coven daemon start`, may say why."
+            " without a response after 0.3 s. The daemon is busy, stopped (SIGSTOP) or hung. If"
+            f" `coven daemon start` started it, {home}/coven.log may say why."
         )
 
         # A caller's own cancellation stays a cancellation.
@@ -453,12 +453,17 @@ async def test_pty_spawn_failed(daemon, client):
 def test_transport_error_messages_end_once():
     client = CovenClient("/tmp/coven-test-messages", reactor)
     lost = client._transportError(ResponseFailed([Failure(ConnectionDone())]))
+    reset = client._transportError(ResponseFailed([Failure(ConnectionLost())]))
     connectFailure = client._transportError(ConnectError(string="User timeout caused connection failure."))
 
     assert str(lost) == (
         "The Coven daemon at /tmp/coven-test-messages/coven.sock closed the connection before its"
-        " response was complete (Connection was closed cleanly); `coven daemon status` shows"
-        " whether it still runs."
+        " response was complete; `coven daemon status` shows whether it still runs."
+    )
+    assert str(reset) == (
+        "The Coven daemon at /tmp/coven-test-messages/coven.sock closed the connection before its"
+        " response was complete (Connection to the other side was lost in a non-clean fashion);"
+        " `coven daemon status` shows whether it still runs."
     )
     assert str(connectFailure).endswith(": An error occurred while connecting: User timeout caused connection failure.")
     assert not str(connectFailure).endswith("..")

@@ -449,11 +449,11 @@ def test_unusable_home_rejected_in_one_line(home):
     assert result.returncode == 1
     assert result.stderr == (
         f"coven: the home {covenHome} cannot be created: {blocker} is a file, not a folder;"
-        " pass another --home\n"
+        " choose another with --home or COVEN_HOME\n"
     )
     asFile = runTwistd(home, "-n", "--pidfile=", "coven", "--home", blocker, timeout=30)
     assert asFile.returncode == 1
-    assert asFile.stderr == f"coven: the home {blocker} is a file, not a folder; pass another --home or move the file\n"
+    assert asFile.stderr == f"coven: the home {blocker} is a file, not a folder; choose another with --home or COVEN_HOME\n"
 
 
 def test_empty_home_rejected(home):
