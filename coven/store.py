@@ -211,36 +211,18 @@ def _closeCursorOnError(
         raise
 
 
-# SQLite's primary result codes for a damaged file and for a file that is not
-# a database.
+# SQLite's primary result code for damaged database pages.
 _SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
+# Damaged reads logged: the first, then every this many.
+_DAMAGED_READS_LOGGED_EVERY = 100
 
 
 def isDamaged(error: BaseException) -> bool:
     """
-    Return whether C{error} is SQLite's report of a damaged database file.
+    Return whether C{error} is SQLite's report of damaged database pages.
     """
     code = getattr(error, "sqlite_errorcode", None)
-    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF in (
-        _SQLITE_CORRUPT,
-        _SQLITE_NOTADB,
-    )
-
-
-def _explainReadFailure(failure: Failure) -> Failure:
-    """
-    Turn a read that failed on damaged database pages into an error that
-    names the damage, instead of the API's bare internal error.
-    """
-    error = failure.value
-    if not isDamaged(error):
-        return failure
-    log.error("Reading the database failed: {error}. The file is damaged; `coven doctor` checks it.", error=error)
-    raise InternalError(
-        "The daemon's database file is damaged, so it could not be read; `coven doctor` checks the file.",
-        sqliteError=str(error),
-    )
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF == _SQLITE_CORRUPT
 
 
 def _newEventId() -> str:
@@ -352,6 +334,8 @@ def checkDatabaseSchema(path: str) -> None:
 
     @raise StoreSchemaError: the file has a newer schema than this daemon
         supports, or belongs to another program.
+    @raise sqlite3.DatabaseError: the file cannot be read, or the pages that
+        the start reads are damaged (see L{isDamaged}).
     """
     if not os.path.exists(path):
         return
@@ -545,6 +529,7 @@ class Store(Service):
 
         self._eventWaiters: dict[str, list[defer.Deferred[None]]] = {}
         self.writeFailures = 0
+        self.damagedReads = 0
         self._failureStreak = 0
         self.writable = True
 
@@ -865,6 +850,7 @@ class Store(Service):
 
         # The first failure is logged with its cause; a streak is logged every
         # tenth try so a full disk does not flood the log.
+        damaged = isDamaged(failure.value)
         if self._failureStreak == 1:
             log.failure(
                 "Write of {count} queued records failed; retrying in {delay}s",
@@ -872,6 +858,12 @@ class Store(Service):
                 count=len(batch),
                 delay=self._retryDelay,
             )
+            if damaged:
+                log.error(
+                    "The database file {path} is damaged, so writes keep failing until it is"
+                    " repaired or replaced. Stop the daemon; `coven doctor` checks the file.",
+                    path=self.path,
+                )
         elif self._failureStreak % 10 == 0:
             log.warn(
                 "Writes still failing after {tries} tries: {error}",
@@ -893,7 +885,13 @@ class Store(Service):
         for op in batch:
             waiters, op.waiters = op.waiters, []
             for waiter in waiters:
-                waiter.errback(RuntimeUnavailable("The session store cannot write right now."))
+                waiter.errback(
+                    RuntimeUnavailable(
+                        "The session store cannot write: its database file is damaged; `coven doctor` checks it."
+                        if damaged
+                        else "The session store cannot write right now."
+                    )
+                )
 
     def flush(self) -> defer.Deferred[None]:
         """
@@ -935,7 +933,28 @@ class Store(Service):
     def _read(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         if self._reader is None:
             return defer.fail(RuntimeUnavailable("The session store is not open."))
-        return self._reader.runInteraction(function, *args).addErrback(_explainReadFailure)
+        return self._reader.runInteraction(function, *args).addErrback(self._explainReadFailure)
+
+    def _explainReadFailure(self, failure: Failure) -> Failure:
+        """
+        Turn a read that failed on damaged database pages into an error that
+        names the damage, instead of the API's bare internal error.
+        """
+        error = failure.value
+        if not isDamaged(error):
+            return failure
+        self.damagedReads += 1
+        if self.damagedReads % _DAMAGED_READS_LOGGED_EVERY == 1:
+            log.error(
+                "Reading the database failed: {error}. The file is damaged; `coven doctor`"
+                " checks it ({count} damaged reads so far).",
+                error=error,
+                count=self.damagedReads,
+            )
+        raise InternalError(
+            "The daemon's database file is damaged, so it could not be read; `coven doctor` checks the file.",
+            sqliteError=str(error),
+        )
 
     def getSession(self, sessionId: str) -> defer.Deferred[SessionRecord | None]:
         def query(cursor: sqlite3.Cursor) -> SessionRecord | None:

@@ -17,7 +17,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from coven import store as storeModule
 from coven.api import jsonBytes
-from coven.errors import InternalError
+from coven.errors import InternalError, RuntimeUnavailable
 from coven.records import SessionRecord, utcnow
 from coven.store import PAGE_SIZE, SCHEMA_VERSION, Store, StoreSchemaError, openDatabase
 from tests.support import damageDatabase, pollUntil
@@ -500,29 +500,43 @@ async def test_failed_interaction_cursor_closed(databasePath: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_damaged_database_read_explained(databasePath: str) -> None:
+async def test_damaged_database_explained(databasePath: str) -> None:
     openDatabase(databasePath)
     damageDatabase(databasePath)
 
     store = Store(databasePath, reactor)
+    store.stopFlushTimeout = 0.5
     store.startService()
     logged: list[dict] = []
     globalLogPublisher.addObserver(logged.append)
     try:
-        with pytest.raises(InternalError) as raised:
+        with pytest.raises(InternalError) as read:
             await store.listSessions()
+        with pytest.raises(InternalError):
+            await store.listSessions()
+        with pytest.raises(RuntimeUnavailable) as written:
+            await store.insertSession(sessionRecord("s"))
     finally:
         globalLogPublisher.removeObserver(logged.append)
         await store.stopService()
 
-    assert raised.value.message == (
+    assert read.value.message == (
         "The daemon's database file is damaged, so it could not be read; `coven doctor` checks the file."
     )
-    assert raised.value.details == {"sqliteError": "database disk image is malformed"}
+    assert read.value.details == {"sqliteError": "database disk image is malformed"}
+    assert written.value.message == (
+        "The session store cannot write: its database file is damaged; `coven doctor` checks it."
+    )
     lines = [formatEvent(event) for event in logged]
-    assert (
+    # The second damaged read is counted, not logged.
+    assert [line for line in lines if line.startswith("Reading the database failed")] == [
         "Reading the database failed: database disk image is malformed. The file is damaged;"
-        " `coven doctor` checks it."
+        " `coven doctor` checks it (1 damaged reads so far)."
+    ]
+    assert store.damagedReads == 2
+    assert (
+        f"The database file {databasePath} is damaged, so writes keep failing until it is repaired"
+        " or replaced. Stop the daemon; `coven doctor` checks the file."
     ) in lines
 
 
