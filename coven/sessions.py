@@ -382,6 +382,11 @@ class SessionManager(Service):
         """
         if self._stopping or not self.running:
             raise RuntimeUnavailable("The daemon is stopping and launches no new sessions.")
+        if not self._store.writable and self._store.damaged:
+            raise RuntimeUnavailable(
+                "The session store cannot write: its database file is damaged; `coven doctor`"
+                " checks it. No session is launched until the store can write."
+            )
         if not self._store.writable:
             raise RuntimeUnavailable(
                 "The session store cannot write right now (is the disk full?); no session"
@@ -491,8 +496,9 @@ class SessionManager(Service):
             # the client hears of a failure, so no harness may go on running
             # that a retry of the launch would start a second time.
             self._kill(live, "the session store could not record the launch").addErrback(lambda _: None)
+            cause = "its database file is damaged" if self._store.damaged else "is the disk full?"
             raise RuntimeUnavailable(
-                f"The session store could not record session {sessionId} (is the disk full?),"
+                f"The session store could not record session {sessionId} ({cause}),"
                 " so its harness was killed; launch again once the store can write.",
                 sessionId=sessionId,
             ) from None

@@ -530,6 +530,8 @@ class Store(Service):
         self._eventWaiters: dict[str, list[defer.Deferred[None]]] = {}
         self.writeFailures = 0
         self.damagedReads = 0
+        # Whether the last write failed on damaged database pages.
+        self.damaged = False
         self._failureStreak = 0
         self.writable = True
 
@@ -750,6 +752,7 @@ class Store(Service):
                 "The store writes again after {tries} failed tries", tries=self._failureStreak
             )
         self.writable = True
+        self.damaged = False
         self._failureStreak = 0
         self._retryDelay = RETRY_DELAY
         woken: set[str] = set()
@@ -850,7 +853,7 @@ class Store(Service):
 
         # The first failure is logged with its cause; a streak is logged every
         # tenth try so a full disk does not flood the log.
-        damaged = isDamaged(failure.value)
+        damaged = self.damaged = isDamaged(failure.value)
         if self._failureStreak == 1:
             log.failure(
                 "Write of {count} queued records failed; retrying in {delay}s",
@@ -947,7 +950,7 @@ class Store(Service):
         if self.damagedReads % _DAMAGED_READS_LOGGED_EVERY == 1:
             log.error(
                 "Reading the database failed: {error}. The file is damaged; `coven doctor`"
-                " checks it ({count} damaged reads so far).",
+                " checks it (damaged reads so far: {count}).",
                 error=error,
                 count=self.damagedReads,
             )

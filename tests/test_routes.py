@@ -8,7 +8,7 @@ import os
 import signal
 import sqlite3
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from twisted.internet import defer
@@ -566,9 +566,23 @@ def test_spawn_oserror(memory: MemoryDaemon) -> None:
     assert memory.sessions.liveCount == 0
 
 
-def failNextWrites(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+def damagedPagesError() -> sqlite3.DatabaseError:
     """
-    Make the store's next C{count} write transactions fail, as on a full disk.
+    Return the error SQLite raises on damaged database pages.
+    """
+    error = sqlite3.DatabaseError("database disk image is malformed")
+    error.sqlite_errorcode = 11  # type: ignore[attr-defined]
+    return error
+
+
+def failNextWrites(
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+    error: Callable[[], Exception] = lambda: sqlite3.OperationalError("database or disk is full"),
+) -> None:
+    """
+    Make the store's next C{count} write transactions fail with C{error()},
+    by default as on a full disk.
     """
     write = storeModule._writeBatch
     failures = [count]
@@ -576,7 +590,7 @@ def failNextWrites(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     def failing(cursor: sqlite3.Cursor, batch: Any) -> Any:
         if failures[0]:
             failures[0] -= 1
-            raise sqlite3.OperationalError("database or disk is full")
+            raise error()
         return write(cursor, batch)
 
     monkeypatch.setattr(storeModule, "_writeBatch", failing)
@@ -601,6 +615,22 @@ def test_unrecorded_launch_kills_harness(memory: MemoryDaemon, monkeypatch: pyte
     assert kinds(events) == ["kill", "exit"]
     assert payload(events[0])["reason"] == "the session store could not record the launch"
     assert memory.get(f"/api/v1/sessions/{sessionId}").body["status"] == "killed"
+
+
+def test_launch_on_damaged_database_explained(memory: MemoryDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    failNextWrites(monkeypatch, 2, damagedPagesError)
+    first = checkError(memory.post("/api/v1/sessions", launchRequest(memory)), 503, "runtime_unavailable")
+    second = checkError(memory.post("/api/v1/sessions", launchRequest(memory)), 503, "runtime_unavailable")
+
+    assert first["message"] == (
+        f"The session store could not record session {first['details']['sessionId']} (its database"
+        " file is damaged), so its harness was killed; launch again once the store can write."
+    )
+    assert second["message"] == (
+        "The session store cannot write: its database file is damaged; `coven doctor` checks it."
+        " No session is launched until the store can write."
+    )
+    assert len(memory.clock.spawned) == 1
 
 
 def test_unrecorded_kill_still_accepted(memory: MemoryDaemon, monkeypatch: pytest.MonkeyPatch) -> None:

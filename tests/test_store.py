@@ -531,9 +531,10 @@ async def test_damaged_database_explained(databasePath: str) -> None:
     # The second damaged read is counted, not logged.
     assert [line for line in lines if line.startswith("Reading the database failed")] == [
         "Reading the database failed: database disk image is malformed. The file is damaged;"
-        " `coven doctor` checks it (1 damaged reads so far)."
+        " `coven doctor` checks it (damaged reads so far: 1)."
     ]
     assert store.damagedReads == 2
+    assert store.damaged
     assert (
         f"The database file {databasePath} is damaged, so writes keep failing until it is repaired"
         " or replaced. Stop the daemon; `coven doctor` checks the file."
