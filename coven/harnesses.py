@@ -129,11 +129,11 @@ def interpreterProblem(executable: str) -> tuple[str, str] | None:
     C{execve} then fails as if the script were missing, so only this check
     can say which file is. Twisted's PTY child reports such a failure as a
     Python traceback in the session's output, after the launch succeeded.
-    As Linux does, the interpreter's path ends at a space, a tab or the end
-    of the line, so a script with Windows line endings names a path that
-    ends with a carriage return. Only an absolute interpreter path is
-    checked, since the kernel resolves a relative one against the harness's
-    working folder.
+    As Linux does, the line ends at a newline or a NUL byte and the
+    interpreter's path at a space or a tab, so a script with Windows line
+    endings passes a carriage return to its interpreter. Only an absolute
+    interpreter path is checked, since the kernel resolves a relative one
+    against the harness's working folder.
     """
     try:
         with open(executable, "rb") as file:
@@ -144,9 +144,17 @@ def interpreterProblem(executable: str) -> tuple[str, str] | None:
         return None
     if not header.startswith(b"#!"):
         return None
-    line = header[2:].split(b"\n", 1)[0].lstrip(b" \t")
-    name = re.split(rb"[ \t]", line, maxsplit=1)[0]
+    line = header[2:].split(b"\n", 1)[0].split(b"\0", 1)[0]
     script = f"script {executable!r}"
+    if line.endswith(b"\r"):
+        # The carriage return ends the interpreter's path or its argument,
+        # as in "/usr/bin/env node\r", and either then fails.
+        return (
+            f"{script} has Windows line endings, so its first line passes a carriage return"
+            " to its interpreter",
+            "Convert the script to Unix line endings, as with dos2unix.",
+        )
+    name = re.split(rb"[ \t]", line.lstrip(b" \t"), maxsplit=1)[0]
     if not name:
         return (
             f"{script} has no interpreter after the #! on its first line",
@@ -156,11 +164,6 @@ def interpreterProblem(executable: str) -> tuple[str, str] | None:
     if not os.path.isabs(interpreter):
         return None
     names = f"{script} names the interpreter {interpreter!r} on its first line"
-    if interpreter.endswith("\r") and not os.path.exists(interpreter):
-        return (
-            f"{names}, which does not exist: the script has Windows line endings",
-            "Convert the script to Unix line endings, as with dos2unix.",
-        )
     if not os.path.exists(interpreter):
         return f"{names}, which does not exist", "Install that interpreter, or change the script's first line."
     if os.path.isdir(interpreter) or not os.access(interpreter, os.X_OK):
