@@ -868,10 +868,12 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
         raise DaemonNotRunning(client.socketPath, advice="there is nothing to stop")
 
     # The daemon kills its running sessions as it stops, so the user hears of them.
+    listError: CovenClientError | None = None
     try:
         runningIds = [session.id for session in await client.listSessions() if session.status == "running"]
-    except CovenClientError:
+    except CovenClientError as error:
         runningIds = []
+        listError = error
     running = len(runningIds)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
@@ -883,12 +885,26 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
             )
         await sleep(reactor, POLL_INTERVAL)
     killed = ""
+    logPath = os.path.join(client.home, "coven.log")
+    if listError is not None:
+        print(
+            f"Coven daemon stopped (pid {pid}). Its sessions could not be listed before the stop"
+            f" ({listError}), so whether the ends of those it killed are in the database is"
+            f" unknown; see {logPath}.",
+            file=sys.stderr,
+        )
+        return EXIT_API_ERROR
     unrecorded = unrecordedExits(client.home, runningIds) if running else []
     sessions = "1 running session" if running == 1 else f"{running} running sessions"
     if unrecorded is None:
-        killed = f" It killed {sessions}."
+        print(
+            f"Coven daemon stopped (pid {pid}). It killed {sessions}, but the database could not"
+            f" be read to check that their ends are in it; `coven doctor` checks it, and {logPath}"
+            " may say more.",
+            file=sys.stderr,
+        )
+        return EXIT_API_ERROR
     elif unrecorded:
-        logPath = os.path.join(client.home, "coven.log")
         print(
             f"Coven daemon stopped (pid {pid}). It killed {sessions}, but the end of"
             f" {len(unrecorded)} of them is not in the database: {', '.join(unrecorded)};"
@@ -1043,15 +1059,17 @@ def checkSettings(report: _Report, path: str, daemonStartedAt: str | None) -> No
         changed = started is not None and os.stat(path).st_mtime > started.timestamp()
     except OSError:
         changed = False
+    if settings.error:
+        # The failure above says what the next start uses.
+        return
     redaction = "on" if settings.redact else "off"
     if changed:
-        described = "" if settings.error else f" (redaction {redaction})"
         report.warn(
-            f"settings {path}{described} changed after the running daemon started, which still uses"
-            " the settings from before; restart the daemon to apply them (`coven daemon restart`"
-            " if `coven daemon start` started it)"
+            f"settings {path} (redaction {redaction}) changed after the running daemon started,"
+            " which still uses the settings from before; restart the daemon to apply them"
+            " (`coven daemon restart` if `coven daemon start` started it)"
         )
-    elif not settings.error:
+    else:
         report.ok(f"settings {path}: redaction {redaction} (read when the daemon starts)")
 
 
@@ -1110,7 +1128,7 @@ async def doctorCommand(reactor: Any, client: CovenClient, args: argparse.Namesp
             executable = spec.resolveExecutable(os.environ.get("PATH"))
             problem = interpreterProblem(executable) if executable else None
             if problem is not None:
-                report.warn(f"harness {spec.id}: {problem[0]}")
+                report.warn(f"harness {spec.id}: {problem[0]}. {problem[1]}")
             elif executable and os.sep in spec.command[0]:
                 report.ok(f"harness {spec.id}: {executable}")
             elif executable:
