@@ -127,8 +127,9 @@ def interpreterProblem(executable: str) -> tuple[str, str] | None:
     interpreter its first line names, and what to do about it; or C{None}.
 
     C{execve} then fails as if the script were missing, so only this check
-    can name the file that is missing. Twisted's PTY child reports such a failure as a
-    Python traceback in the session's output, after the launch succeeded.
+    can name the file that is missing. Twisted's PTY child reports such a
+    failure as a Python traceback in the session's output, after the launch
+    succeeded.
     As Linux does, the line ends at a newline or a NUL byte and the
     interpreter's path at a space or a tab, so a script with Windows line
     endings passes a carriage return to its interpreter. Only an absolute
