@@ -31,6 +31,9 @@ log = Logger()
 # Seconds a stop waits for the requests that the stop itself wakes to finish,
 # and then for their responses to be sent.
 REQUESTS_STOP_TIMEOUT = 2.0
+# Seconds without connections after which a stop closes the socket. A client
+# following a session sends its next request within milliseconds.
+STOP_QUIET_PERIOD = 0.25
 
 
 class HomeInUse(Exception):
@@ -65,6 +68,7 @@ class CovenService(MultiService):
         self._lockFile: int | None = None
         self._port: Any = None
         self.startedAt: str | None = None
+        self.stopQuietPeriod = STOP_QUIET_PERIOD
         # twistd sets umask 0077 when it detaches; harnesses get the umask of
         # the shell that started the daemon instead, as if run from it.
         self.harnessUmask = _currentUmask()
@@ -196,12 +200,16 @@ class CovenService(MultiService):
         # following one, such as `coven attach`, can still read its exit. New
         # launches are refused from now on.
         await self.sessions.stopService()
-        if self._port is not None:
-            await self._port.stopListening()
-            self._port = None
         # Long polls return what the stop recorded, such as the kill and
         # the exit of each session, while the store can still read.
         self.store.wakeWaiters()
+        # A follower whose long poll returned the kill alone comes back for
+        # the exit with a new connection, so the socket stays open until
+        # the connections have been quiet for a moment.
+        await self.site.whenQuiet(self.stopQuietPeriod, REQUESTS_STOP_TIMEOUT)
+        if self._port is not None:
+            await self._port.stopListening()
+            self._port = None
         await waitAtMost(self._reactor, self.site.whenIdle(), REQUESTS_STOP_TIMEOUT)
         await self.store.stopService()
         # What was written to a connection is sent before the reactor stops,

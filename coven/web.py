@@ -9,6 +9,7 @@ import struct
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -96,6 +97,7 @@ class CovenChannel(HTTPChannel):
             self.transport.abortConnection()
             return
         self.site.channels.add(self)
+        self.site.noteActivity()
         super().connectionMade()
 
     # Fired by connectionLost; set by CovenSite.closeConnections.
@@ -103,6 +105,7 @@ class CovenChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self.site.channels.discard(self)
+        self.site.noteActivity()
         super().connectionLost(reason)
         if self.notifyClosed is not None:
             closed, self.notifyClosed = self.notifyClosed, None
@@ -161,19 +164,42 @@ class CovenSite(Site):
         self.channels: set[CovenChannel] = set()
         self.activeRequests: set[Request] = set()
         self._idleWaiters: list[defer.Deferred[None]] = []
+        # The reactor time of the last connection or request start or end.
+        self.lastActivity = 0.0
 
     def log(self, request: Request) -> None:
         pass
 
+    def noteActivity(self) -> None:
+        self.lastActivity = self.reactor.seconds()
+
     def requestStarted(self, request: Request) -> None:
         self.activeRequests.add(request)
+        self.noteActivity()
 
     def requestEnded(self, request: Request) -> None:
         self.activeRequests.discard(request)
+        self.noteActivity()
         if not self.activeRequests:
             waiters, self._idleWaiters = self._idleWaiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    async def whenQuiet(self, quiet: float, limit: float) -> None:
+        """
+        Return once no connection is open and nothing happened on the site
+        for C{quiet} seconds, or after C{limit} seconds.
+        """
+        deadline = self.reactor.seconds() + limit
+        while True:
+            now = self.reactor.seconds()
+            if now >= deadline:
+                return
+            idleFor = now - self.lastActivity
+            if not self.channels and idleFor >= quiet:
+                return
+            wait = quiet - idleFor if not self.channels else quiet
+            await deferLater(self.reactor, max(0.0, min(wait, deadline - now)), lambda: None)
 
     def whenIdle(self) -> defer.Deferred[None]:
         """

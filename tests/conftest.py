@@ -36,6 +36,9 @@ async def startDaemon(home: str, killGrace: float = 1.0) -> CovenService:
     with open(os.path.join(home, "harnesses.toml"), "w") as file:
         file.write(harnessConfig())
     service = CovenService(home, defaultListen(home), reactor, killGrace=killGrace)
+    # Stops wait this long for followers to come back for the exits; a test
+    # that follows a session across a stop sets its own.
+    service.stopQuietPeriod = 0.02
     service.startService()
     await service.ready
     return service

@@ -14,7 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 
 from coven.sessions import DRAIN_TIMEOUT
-from coven.store import WRITER_NICE
+from coven.store import WRITER_NICE, connectReadOnly
 
 from .conftest import startDaemon
 from .fake_harness import pattern
@@ -495,6 +495,36 @@ async def test_stop_kills_and_records_live_sessions(daemon):
     assert record["status"] == "killed"
     assert [event["kind"] for event in events][-2:] == ["kill", "exit"]
     assert payload(events[-2])["reason"] == "daemon stopping"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_serves_followers_after_exits(daemon):
+    # A follower whose long poll returned the kill alone comes back for the
+    # exit with a new connection, after the stop has stored it.
+    daemon.service.stopQuietPeriod = 1.0
+    session = await daemon.client.launch(daemon.project, "echo")
+    await daemon.client.waitForOutput(session["id"], "ready")
+
+    def exitStored() -> bool:
+        # Read from the file: the store of a stop that closed the socket
+        # at once would be closing too.
+        connection = connectReadOnly(daemon.service.store.path)
+        try:
+            row = connection.execute(
+                "SELECT 1 FROM events WHERE session_id = ? AND kind = 'exit'", (session["id"],)
+            ).fetchone()
+        finally:
+            connection.close()
+        return row is not None
+
+    stopping = daemon.service.stopService()
+    await pollUntil(exitStored)
+    status, record = await daemon.client.get(f"/api/v1/sessions/{session['id']}")
+    await stopping
+
+    assert status == 200
+    assert record["status"] == "killed"
+    assert not os.path.exists(daemon.service.socketPath)
 
 
 @pytest_twisted.ensureDeferred
