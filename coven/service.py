@@ -6,6 +6,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -334,6 +335,16 @@ def listenProblem(reactor: Any, listen: str) -> str | None:
     return None
 
 
+def privateUnixListen(listen: str) -> str:
+    """
+    Return C{listen} with C{mode=600} added when it is a C{unix:} endpoint
+    without a mode, whose socket Twisted would otherwise make 0666.
+    """
+    if listen.split(":", 1)[0].lower() != "unix" or re.search(r"(?<!\\):mode=", listen):
+        return listen
+    return listen + ":mode=600"
+
+
 def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
     """
     Build the daemon from C{twistd coven} options, taking the home's lock now so
@@ -354,7 +365,7 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
         if problem is not None:
             sys.stderr.write(f"coven: {problem}\n")
             raise SystemExit(2)
-    listen = options.get("listen") or defaultListen(home)
+    listen = privateUnixListen(options.get("listen") or defaultListen(home))
     service = CovenService(home, listen, reactor, killGrace=float(options.get("kill-grace") or DEFAULT_KILL_GRACE))
     problem = socketPathProblem(service.socketPath) if service.listensOnHomeSocket else None
     if problem is not None:

@@ -994,9 +994,11 @@ def test_daemon_on_listen_socket_reached(emptyHome):
     stale.bind(os.path.join(home, "coven.sock"))
     stale.close()
     socketPath = os.path.join(emptyHome, "other.sock")
-    # Relative to the daemon's working folder, which is the home.
-    process = startForeground(home, "--listen", "unix:../other.sock:mode=600")
+    # Relative to the daemon's working folder, which is the home, and
+    # without a mode, which the daemon sets to 0600.
+    process = startForeground(home, "--listen", "unix:../other.sock")
     try:
+        socketMode = stat.S_IMODE(os.stat(socketPath).st_mode)
         status = coven(home, "daemon", "status")
         sessions = coven(home, "sessions")
         stopProcess(process)
@@ -1004,6 +1006,7 @@ def test_daemon_on_listen_socket_reached(emptyHome):
     finally:
         stopProcess(process)
 
+    assert socketMode == 0o600
     assert status.returncode == 0, status.stderr
     assert f"Coven daemon is running at {socketPath}\n" in status.stdout
     assert sessions.returncode == 0, sessions.stderr
