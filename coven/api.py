@@ -145,7 +145,7 @@ def parseJSONObject(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"Request body is not valid JSON: {error}.") from None
     if not isinstance(value, dict):
         raise InvalidRequest(
-            f"Request body must be a JSON object, got a JSON {type(value).__name__}."
+            f"Request body must be a JSON object, got {_describeJSON(value)}."
         )
     try:
         # An escape such as "\ud800" is valid JSON but no character, so it can

@@ -329,15 +329,16 @@ def test_session_get_unknown(memory: MemoryDaemon, prefix: str) -> None:
     ("data", "message"),
     [
         (b'{"prompt": ', "not valid JSON"),
-        (b"[]", "got a JSON list"),
-        (b'"fix the tests"', "got a JSON str"),
+        (b"[]", "must be a JSON object, got an array."),
+        (b'"fix the tests"', "must be a JSON object, got a string."),
+        (b"12", "must be a JSON object, got 12."),
         (b"", "it is empty"),
         (b'{"prompt": "a", "prompt": "b"}', "duplicate key 'prompt'"),
         (b'{"cols": NaN}', "NaN is not valid JSON"),
         (b'{"cols": -Infinity}', "-Infinity is not valid JSON"),
         (b'{"prompt": "caf\xe9"}', "not valid UTF-8 (byte 15)"),
     ],
-    ids=["malformed", "array", "string", "empty", "duplicate key", "NaN", "Infinity", "latin-1"],
+    ids=["malformed", "array", "string", "number", "empty", "duplicate key", "NaN", "Infinity", "latin-1"],
 )
 def test_launch_body_invalid(memory: MemoryDaemon, data: bytes, message: str) -> None:
     error = checkError(memory.post("/api/v1/sessions", data=data), 400, "invalid_request")
