@@ -41,7 +41,7 @@ from coven.client import (
     outputBytes,
 )
 from coven.harnesses import HarnessRegistry, interpreterProblem
-from coven.home import homeProblem, isCovenDaemon, processAlive
+from coven.home import homeProblem, isCovenDaemon, processAlive, processStopped
 from coven.records import Event, SessionRecord
 from coven.settings import SETTINGS_FILE, loadSettings
 from coven.store import SCHEMA_VERSION, connectReadOnly, databaseProblem
@@ -879,6 +879,11 @@ async def stopDaemon(reactor: Any, client: CovenClient) -> int:
     deadline = time.monotonic() + STOP_TIMEOUT
     while processAlive(pid):
         if time.monotonic() > deadline:
+            if processStopped(pid):
+                raise CommandFailed(
+                    f"The Coven daemon (pid {pid}) is stopped, as by SIGSTOP or Ctrl-Z, so it"
+                    f" cannot act on SIGTERM; `kill -CONT {pid}` lets it finish stopping."
+                )
             raise CommandFailed(
                 f"The Coven daemon (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s of"
                 f" SIGTERM; see {os.path.join(client.home, 'coven.log')}."

@@ -62,6 +62,18 @@ def daemonSocketPath(home: str) -> str:
     return path
 
 
+def processStopped(pid: int) -> bool:
+    """
+    Return whether C{pid} is stopped by a signal such as SIGSTOP, so that it
+    acts on no other signal until it gets SIGCONT.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def processAlive(pid: int) -> bool:
     """
     Return whether C{pid} exists and has not exited; a zombie counts as exited.

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from coven.home import processStopped
 from coven.sessions import processStartTicks, sessionMembers, signalSession
 
 # A process that waits on its stdin, which stays open until the test kills it.
@@ -87,3 +88,19 @@ def test_reused_harness_pid_not_signalled(processes: list[subprocess.Popen[bytes
     assert stillRunning
     assert reachedHarness is True
     assert other.wait(10) == -signal.SIGTERM
+
+
+def test_stopped_process_recognized(processes: list[subprocess.Popen[bytes]]) -> None:
+    process = startMarked(processes, str(uuid.uuid4()))
+    running = processStopped(process.pid)
+    os.kill(process.pid, signal.SIGSTOP)
+    # The kernel sets the state once the signal is delivered.
+    deadline = time.monotonic() + 10
+    while not processStopped(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopped = processStopped(process.pid)
+    os.kill(process.pid, signal.SIGCONT)
+
+    assert not running
+    assert stopped
+
