@@ -785,7 +785,7 @@ def test_json_routes_reject_array(memory: MemoryDaemon, route: str) -> None:
     record, process = memory.launch()
     path = "/api/v1" + route.replace("SESSION", record["id"])
     error = checkError(memory.post(path, data=b'["data"]'), 400, "invalid_request")
-    assert "JSON list" in error["message"]
+    assert "must be a JSON object, got an array." in error["message"]
     assert process.transport.written == []
 
 
