@@ -367,11 +367,9 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> CovenService:
             raise SystemExit(2)
     listen = privateUnixListen(options.get("listen") or defaultListen(home))
     service = CovenService(home, listen, reactor, killGrace=float(options.get("kill-grace") or DEFAULT_KILL_GRACE))
-    problem = socketPathProblem(service.socketPath) if service.listensOnHomeSocket else None
-    if problem is not None:
-        sys.stderr.write(f"coven: {problem}\n")
-        raise SystemExit(1)
     problem = homeProblem(home)
+    if problem is None and service.listensOnHomeSocket:
+        problem = socketPathProblem(service.socketPath)
     if problem is not None:
         sys.stderr.write(f"coven: {problem}\n")
         raise SystemExit(1)
