@@ -62,14 +62,27 @@ def daemonSocketPath(home: str) -> str:
     return path
 
 
+def _processState(pid: int) -> str:
+    """
+    Return the state letter of C{pid} from C{/proc/PID/stat}, such as C{R},
+    C{S}, C{T} or C{Z}.
+
+    @raise OSError: the file cannot be read, as when C{pid} does not exist.
+    @raise IndexError: the file has no state field.
+    """
+    with open(f"/proc/{pid}/stat") as file:
+        # The command name before the state is in parentheses and may
+        # contain spaces.
+        return file.read().rsplit(")", 1)[1].split()[0]
+
+
 def processStopped(pid: int) -> bool:
     """
-    Return whether C{pid} is stopped by a signal such as SIGSTOP, so that it
-    acts on no other signal until it gets SIGCONT.
+    Return whether C{pid} is stopped by a signal such as SIGSTOP. Until it
+    gets SIGCONT, it acts on no signal but SIGKILL.
     """
     try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] == "T"
+        return _processState(pid) == "T"
     except (OSError, IndexError):
         return False
 
@@ -79,9 +92,7 @@ def processAlive(pid: int) -> bool:
     Return whether C{pid} exists and has not exited; a zombie counts as exited.
     """
     try:
-        with open(f"/proc/{pid}/stat") as file:
-            state = file.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
+        return _processState(pid) not in ("Z", "X")
     except FileNotFoundError:
         return False
     except (OSError, IndexError):

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
@@ -176,18 +177,31 @@ async def test_missing_executable_fails_spawn(daemon):
     assert "coven-test-no-such-executable" in payload(events[0])["reason"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_missing_interpreter_fails_spawn(daemon):
+def addScriptHarness(daemon: Any, harness: str, text: str, mode: int) -> str:
+    """
+    Write the script C{text} with C{mode} into the home, add it to
+    harnesses.toml as C{harness}, and return its path.
+    """
     agent = os.path.join(daemon.home, "agent.sh")
     with open(agent, "w") as file:
-        file.write("#!/nonexistent/interpreter\necho hi\n")
-    os.chmod(agent, 0o755)
+        file.write(text)
+    os.chmod(agent, mode)
     with open(os.path.join(daemon.home, "harnesses.toml"), "a") as file:
-        file.write(f'\n[harnesses.script]\ncommand = ["{agent}"]\n')
+        file.write(f'\n[harnesses.{harness}]\ncommand = ["{agent}"]\n')
+    return agent
 
-    status, body = await daemon.client.post(
-        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": "script", "prompt": "hi"}
+
+async def launchHarness(daemon: Any, harness: str) -> tuple[int, Any]:
+    return await daemon.client.post(
+        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": harness, "prompt": "hi"}
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_interpreter_fails_spawn(daemon):
+    agent = addScriptHarness(daemon, "script", "#!/nonexistent/interpreter\necho hi\n", 0o755)
+
+    status, body = await launchHarness(daemon, "script")
     _, capabilities = await daemon.client.get("/api/v1/capabilities")
 
     reason = (
@@ -212,16 +226,9 @@ async def test_missing_interpreter_fails_spawn(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_harness_file_not_executable_explained(daemon):
-    agent = os.path.join(daemon.home, "agent.sh")
-    with open(agent, "w") as file:
-        file.write("#!/bin/sh\necho hi\n")
-    os.chmod(agent, 0o644)
-    with open(os.path.join(daemon.home, "harnesses.toml"), "a") as file:
-        file.write(f'\n[harnesses.plain]\ncommand = ["{agent}"]\n')
+    agent = addScriptHarness(daemon, "plain", "#!/bin/sh\necho hi\n", 0o644)
 
-    status, body = await daemon.client.post(
-        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": "plain", "prompt": "hi"}
-    )
+    status, body = await launchHarness(daemon, "plain")
     _, capabilities = await daemon.client.get("/api/v1/capabilities")
 
     reason = f"'{agent}' is not executable by the daemon's user"
@@ -239,9 +246,7 @@ async def test_harness_file_not_executable_explained(daemon):
 
     # A missing file takes other advice: there is nothing to make executable.
     os.remove(agent)
-    status, body = await daemon.client.post(
-        "/api/v1/sessions", {"projectRoot": daemon.project, "harness": "plain", "prompt": "hi"}
-    )
+    status, body = await launchHarness(daemon, "plain")
     assert status == 500
     assert body["error"]["message"] == (
         f"Harness plain could not be launched: executable '{agent}' does not exist. Set the"
