@@ -1065,7 +1065,7 @@ def checkSettings(report: _Report, path: str, daemonStartedAt: str | None) -> No
     except OSError:
         changed = False
     if settings.error:
-        # The failure above says what the next start uses.
+        # The failure above names the settings that the next start uses.
         return
     redaction = "on" if settings.redact else "off"
     if changed:

@@ -451,7 +451,7 @@ class CovenClient:
             reason = str(error).rstrip(".")
             return DaemonUnreachable(f"Cannot connect to the Coven daemon at {self.socketPath}: {reason}.")
         if isinstance(error, (ResponseNeverReceived, ResponseFailed)):
-            # A clean close is what a daemon that stopped or crashed leaves;
+            # A daemon that stopped or crashed leaves a clean close, and
             # Twisted's words for it add nothing.
             reasons = [reason for reason in error.reasons if not reason.check(ConnectionDone)]
             # Twisted's messages end with a period of their own.

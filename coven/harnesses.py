@@ -117,14 +117,14 @@ class HarnessSpec:
 
 
 # The bytes of a script's first line that Linux reads for its interpreter
-# (BINPRM_BUF_SIZE).
+# (BINPRM_BUF_SIZE in the kernel headers, <linux/binfmts.h>).
 _SCRIPT_HEADER_BYTES = 256
 
 
 def interpreterProblem(executable: str) -> tuple[str, str] | None:
     """
     Return why the kernel cannot start C{executable}, a script, because of the
-    interpreter its first line names, and what to do about it; or C{None}.
+    interpreter its first line names, with what to do about it, or C{None}.
 
     C{execve} then fails as if the script were missing, so only this check
     can name the file that is missing. Twisted's PTY child reports such a
@@ -140,7 +140,7 @@ def interpreterProblem(executable: str) -> tuple[str, str] | None:
         with open(executable, "rb") as file:
             header = file.read(_SCRIPT_HEADER_BYTES)
     except OSError:
-        # A binary may be executable without being readable; the kernel
+        # A binary may be executable without being readable. The kernel
         # reports anything else when the harness starts.
         return None
     if not header.startswith(b"#!"):

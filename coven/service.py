@@ -33,7 +33,7 @@ log = Logger()
 # and then for their responses to be sent.
 REQUESTS_STOP_TIMEOUT = 2.0
 # Seconds without connections after which a stop closes the socket. A client
-# following a session sends its next request within milliseconds.
+# following a session usually sends its next request within milliseconds.
 STOP_QUIET_PERIOD = 0.25
 
 

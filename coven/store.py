@@ -204,7 +204,7 @@ def _closeCursorOnError(
     try:
         return interaction(transaction, *args, **kw)
     except BaseException:
-        # The interaction's own error is the one to report; a cursor that is
+        # The interaction's own error is the one to report. A cursor that is
         # already closed, or whose connection broke, needs no closing.
         with contextlib.suppress(Exception):
             transaction.close()

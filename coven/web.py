@@ -187,8 +187,8 @@ class CovenSite(Site):
 
     async def whenQuiet(self, quiet: float, limit: float) -> None:
         """
-        Return once no connection is open and nothing happened on the site
-        for C{quiet} seconds, or after C{limit} seconds.
+        Return once, for C{quiet} seconds, no connection has been open and no
+        request has started or ended, or after C{limit} seconds at the latest.
         """
         deadline = self.reactor.seconds() + limit
         while True:

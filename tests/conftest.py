@@ -36,7 +36,7 @@ async def startDaemon(home: str, killGrace: float = 1.0) -> CovenService:
     with open(os.path.join(home, "harnesses.toml"), "w") as file:
         file.write(harnessConfig())
     service = CovenService(home, defaultListen(home), reactor, killGrace=killGrace)
-    # Stops wait this long for followers to come back for the exits; a test
+    # Stops wait this long for followers to come back for the exits. A test
     # that follows a session across a stop sets its own.
     service.stopQuietPeriod = 0.02
     service.startService()
